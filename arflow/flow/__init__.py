@@ -1,0 +1,1 @@
+"""Flow matching: the training objective (transport) and the autoregressive samplers."""

@@ -1,0 +1,14 @@
+"""ARFlow models: the backbone, its hybrid attention and the model zoo."""
+
+from .arflow import ARFlow, ARFlowBlock, ARFlowState, MODEL_NAMES, create_model, model_kwargs
+from .hybrid_attention import HybridAttention
+
+__all__ = [
+    "ARFlow",
+    "ARFlowBlock",
+    "ARFlowState",
+    "HybridAttention",
+    "MODEL_NAMES",
+    "create_model",
+    "model_kwargs",
+]

@@ -1,0 +1,200 @@
+"""Hybrid attention: softmax attention inside each image, a gated linear recurrence across images.
+
+For one head of dimension d and image s with N tokens (q, k, v are RMS-normalised projections of
+the modulated tokens h, and c_tok is the image's conditioning vector repeated over its tokens):
+
+    k~_s          = k_s / sqrt(d)
+    gamma_{s,i}   = logsigmoid((h_{s,i} + c_tok) W_gt) / 16               (<= 0, one per head)
+    intra  O1_s   = softmax(q_s k~_s^T) v_s                                (bidirectional in s)
+    state  H_0    = initial state (zeros)     H_{s+1} = lam_s H_s + k~_s^T v_s,
+           lam_s  = exp(mean_i gamma_{s,i})
+    inter  O2_s,i = (q_{s,i} * exp(sum_{j<=i} gamma_{s,j})) H_s
+    out           = W_out( silu(h W_g) * RMSNorm_d(O1 + O2) )
+
+Image s therefore reads images < s only through the (d x d) state H_s, and the state costs O(1)
+memory in the number of images. Three forms compute the same function over one parameter set:
+
+- `parallel`: all S images at once (training). The intra term folds images into the batch
+  (flash-attn or SDPA, never an (S N)^2 matrix); the states H_s for every s come from one
+  decay-weighted sum over the S per-image d x d products.
+- `recurrent`: one image, state in -> (output, state out) (sampling).
+- `naive`: explicit loops over images, heads and tokens; a reference for tests only.
+
+The inter-image term is computed in fp32 whatever the input dtype: the state sums many images'
+products and is carried over hundreds of sampling steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import rms_norm
+
+try:  # optional GPU kernel; SDPA is the portable path
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the install
+    flash_attn_func = None
+
+FORMS = ("parallel", "recurrent", "naive")
+
+
+class Projections(NamedTuple):
+    """Per-head projections of one or more images. Shapes with S images of N tokens, H heads:
+    q, k (already scaled by 1/sqrt(d)), v: (B, S, N, H, d); gamma: (B, S, N, H); gate: (B, S, N, D).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    gamma: torch.Tensor
+    gate: torch.Tensor
+
+
+def intra_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention inside each image, images folded into the batch.
+
+    q, k, v: (B, S, N, H, d), k already carrying the 1/sqrt(d) scale -> (B, S, N, H, d).
+    """
+    B, S, N, H, d = q.shape
+    q, k, v = (t.reshape(B * S, N, H, d) for t in (q, k, v))
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash_attn_func(q, k, v, softmax_scale=1.0)
+    else:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0
+        ).transpose(1, 2)
+    return out.reshape(B, S, N, H, d)
+
+
+def check_state(state: torch.Tensor, batch: int, heads: int, head_dim: int) -> None:
+    expected = (batch, heads, head_dim, head_dim)
+    if tuple(state.shape) != expected:
+        raise ValueError(
+            f"linear-attention state has shape {tuple(state.shape)}, expected {expected} "
+            f"(batch, heads, head_dim, head_dim): was it built for another batch size?"
+        )
+
+
+class HybridAttention(nn.Module):
+    """Hybrid intra-image softmax / inter-image gated linear attention.
+
+    Parameters (names of the public release): q_proj, k_proj, v_proj, g_proj, out_proj (D -> D)
+    and gt_proj (D -> heads), all without bias.
+    """
+
+    def __init__(self, dim: int, num_heads: int, gate_logit_normalizer: float = 16.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.g_proj = nn.Linear(dim, dim, bias=False)
+        self.gt_proj = nn.Linear(dim, num_heads, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        state: torch.Tensor | None = None,
+        form: str = "parallel",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (B, S, N, D) modulated tokens; c: (B, S, D) per-image conditioning;
+        state: (B, H, d, d) fp32 state before the first image, or None for zeros.
+        Returns (out (B, S, N, D), state after the last image (B, H, d, d) fp32).
+        `form="recurrent"` takes exactly one image (S = 1).
+        """
+        B, S = h.shape[:2]
+        if state is None:
+            state = h.new_zeros(B, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32)
+        check_state(state, B, self.num_heads, self.head_dim)
+        p = self.project(h, c)
+        if form == "parallel":
+            mixed, state = self.parallel(p, state)
+        elif form == "recurrent":
+            if S != 1:
+                raise ValueError(f"the recurrent form takes one image per call, got S={S}")
+            mixed, state = self.recurrent(p, state)
+        elif form == "naive":
+            mixed, state = self.naive(p, state)
+        else:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        return self.output(mixed, p.gate), state
+
+    def project(self, h: torch.Tensor, c: torch.Tensor) -> Projections:
+        """h: (B, S, N, D), c: (B, S, D) -> the per-head projections every form shares."""
+        B, S, N, D = h.shape
+        heads = (B, S, N, self.num_heads, self.head_dim)
+        q = rms_norm(self.q_proj(h).view(heads))
+        k = rms_norm(self.k_proj(h).view(heads)) / math.sqrt(self.head_dim)
+        v = rms_norm(self.v_proj(h).view(heads))
+        gamma = F.logsigmoid(self.gt_proj(h + c[:, :, None]).float()) / self.gate_logit_normalizer
+        return Projections(q, k, v, gamma, self.g_proj(h))
+
+    def output(self, mixed: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """mixed: O1 + O2 (B, S, N, H, d); gate: (B, S, N, D) -> (B, S, N, D)."""
+        normed = rms_norm(mixed).to(gate.dtype).flatten(-2)
+        return self.out_proj(F.silu(gate) * normed)
+
+    def parallel(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All S images at once. Returns (O1 + O2 (B, S, N, H, d) fp32, final state)."""
+        intra = intra_image_attention(p.q, p.k, p.v).float()
+        q, k, v, gamma = p.q.float(), p.k.float(), p.v.float(), p.gamma
+        kv = torch.einsum("bsnhd,bsnhe->bshde", k, v)  # each image's contribution k~^T v
+        log_decay = gamma.mean(dim=2)  # (B, S, H): log lam_s
+        upto = log_decay.cumsum(dim=1)  # G_s = sum_{u<=s} log lam_u
+        before = upto - log_decay  # G_{s-1}
+        # H_s = exp(G_{s-1}) H_0 + sum_{r<s} exp(G_{s-1} - G_r) KV_r; every exponent is <= 0.
+        S = kv.shape[1]
+        earlier = torch.ones(S, S, dtype=torch.bool, device=kv.device).tril(-1)  # [s, r]: r < s
+        weights = before[:, :, None] - upto[:, None, :]  # (B, S_s, S_r, H)
+        weights = weights.masked_fill(~earlier[None, :, :, None], float("-inf")).exp()
+        states = torch.einsum("bsrh,brhde->bshde", weights, kv)
+        states = states + before.exp()[..., None, None] * state[:, None]
+        q_decayed = q * gamma.cumsum(dim=2).exp()[..., None]
+        inter = torch.einsum("bsnhd,bshde->bsnhe", q_decayed, states)
+        last = S - 1
+        final = log_decay[:, last].exp()[..., None, None] * states[:, last] + kv[:, last]
+        return intra + inter, final
+
+    def recurrent(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image (S = 1) against the state of all earlier images."""
+        intra = intra_image_attention(p.q, p.k, p.v).float()
+        q, k, v, gamma = p.q[:, 0].float(), p.k[:, 0].float(), p.v[:, 0].float(), p.gamma[:, 0]
+        q_decayed = q * gamma.cumsum(dim=1).exp()[..., None]  # (B, N, H, d)
+        inter = torch.einsum("bnhd,bhde->bnhe", q_decayed, state)
+        decay = gamma.mean(dim=1).exp()[..., None, None]  # (B, H, 1, 1)
+        new_state = decay * state + torch.einsum("bnhd,bnhe->bhde", k, v)
+        return intra + inter[:, None], new_state
+
+    def naive(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference with explicit loops; slow, for tests only."""
+        q, k, v, gamma = p.q.float(), p.k.float(), p.v.float(), p.gamma
+        B, S, N, H, d = q.shape
+        heads = list(state.unbind(1))  # H_s per head, (B, d, d)
+        images = []
+        for s in range(S):
+            per_head = []
+            for head in range(H):
+                qs, ks, vs = q[:, s, :, head], k[:, s, :, head], v[:, s, :, head]  # (B, N, d)
+                intra = torch.softmax(qs @ ks.transpose(1, 2), dim=-1) @ vs
+                running = torch.zeros(B, device=q.device)
+                tokens = []
+                for i in range(N):
+                    running = running + gamma[:, s, i, head]
+                    inter = (qs[:, i] * running.exp()[:, None])[:, None] @ heads[head]
+                    tokens.append(intra[:, i] + inter[:, 0])
+                per_head.append(torch.stack(tokens, dim=1))
+                lam = gamma[:, s, :, head].mean(dim=1).exp()
+                heads[head] = lam[:, None, None] * heads[head] + ks.transpose(1, 2) @ vs
+            images.append(torch.stack(per_head, dim=2))
+        return torch.stack(images, dim=1), torch.stack(heads, dim=1)
