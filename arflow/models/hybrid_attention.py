@@ -26,7 +26,6 @@ products and is carried over hundreds of sampling steps.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -44,8 +43,10 @@ FORMS = ("parallel", "recurrent", "naive")
 
 
 class Projections(NamedTuple):
-    """Per-head projections of one or more images. Shapes with S images of N tokens, H heads:
-    q, k (already scaled by 1/sqrt(d)), v: (B, S, N, H, d); gamma: (B, S, N, H); gate: (B, S, N, D).
+    """Per-head projections of one or more images, head-major. Shapes with S images of N
+    tokens and H heads: q, k, v: (B, S, H, N, d), RMS-normalised, k NOT yet scaled by 1/sqrt(d)
+    (the scale is folded into the softmax and into the d x d state updates, which saves a pass
+    over k); gamma: (B, S, H, N) fp32; gate: (B, S, N, D).
     """
 
     q: torch.Tensor
@@ -58,17 +59,17 @@ class Projections(NamedTuple):
 def intra_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention inside each image, images folded into the batch.
 
-    q, k, v: (B, S, N, H, d), k already carrying the 1/sqrt(d) scale -> (B, S, N, H, d).
+    q, k, v: (B, S, H, N, d), unscaled -> (B, S, H, N, d).
     """
-    B, S, N, H, d = q.shape
-    q, k, v = (t.reshape(B * S, N, H, d) for t in (q, k, v))
+    B, S, H, N, d = q.shape
+    q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B*S, H, N, d)
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out = flash_attn_func(q, k, v, softmax_scale=1.0)
+        # flash-attn takes (batch, tokens, heads, d); these transposes are views.
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2)
     else:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0
-        ).transpose(1, 2)
-    return out.reshape(B, S, N, H, d)
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.unflatten(0, (B, S))
 
 
 def check_state(state: torch.Tensor, batch: int, heads: int, head_dim: int) -> None:
@@ -133,24 +134,28 @@ class HybridAttention(nn.Module):
     def project(self, h: torch.Tensor, c: torch.Tensor) -> Projections:
         """h: (B, S, N, D), c: (B, S, D) -> the per-head projections every form shares."""
         B, S, N, D = h.shape
-        heads = (B, S, N, self.num_heads, self.head_dim)
-        q = rms_norm(self.q_proj(h).view(heads))
-        k = rms_norm(self.k_proj(h).view(heads)) / math.sqrt(self.head_dim)
-        v = rms_norm(self.v_proj(h).view(heads))
-        gamma = F.logsigmoid(self.gt_proj(h + c[:, :, None]).float()) / self.gate_logit_normalizer
-        return Projections(q, k, v, gamma, self.g_proj(h))
+        H, d = self.num_heads, self.head_dim
+        # One matmul for q, k, v and the output gate: the weights are concatenated on the fly
+        # (cheap next to the activations) so the parameters keep the release's names.
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight])
+        qkv, gate = F.linear(h, weight).split([3 * D, D], dim=-1)
+        qkv = rms_norm(qkv.unflatten(-1, (3, H, d))).permute(3, 0, 1, 4, 2, 5)  # (3, B, S, H, N, d)
+        # (h + c) W_gt = h W_gt + c W_gt: the conditioning term is computed once per image.
+        logits = self.gt_proj(h) + self.gt_proj(c)[:, :, None]
+        gamma = F.logsigmoid(logits.float()).transpose(2, 3) / self.gate_logit_normalizer
+        return Projections(qkv[0], qkv[1], qkv[2], gamma, gate)
 
     def output(self, mixed: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """mixed: O1 + O2 (B, S, N, H, d); gate: (B, S, N, D) -> (B, S, N, D)."""
-        normed = rms_norm(mixed).to(gate.dtype).flatten(-2)
+        """mixed: O1 + O2 (B, S, H, N, d); gate: (B, S, N, D) -> (B, S, N, D)."""
+        normed = rms_norm(mixed).to(gate.dtype).transpose(2, 3).flatten(-2)
         return self.out_proj(F.silu(gate) * normed)
 
     def parallel(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All S images at once. Returns (O1 + O2 (B, S, N, H, d) fp32, final state)."""
+        """All S images at once. Returns (O1 + O2 (B, S, H, N, d) fp32, final state)."""
         intra = intra_image_attention(p.q, p.k, p.v).float()
         q, k, v, gamma = p.q.float(), p.k.float(), p.v.float(), p.gamma
-        kv = torch.einsum("bsnhd,bsnhe->bshde", k, v)  # each image's contribution k~^T v
-        log_decay = gamma.mean(dim=2)  # (B, S, H): log lam_s
+        kv = (k.transpose(-1, -2) @ v) * self.head_dim**-0.5  # KV_s = k~_s^T v_s, (B, S, H, d, d)
+        log_decay = gamma.mean(dim=-1)  # (B, S, H): log lam_s
         upto = log_decay.cumsum(dim=1)  # G_s = sum_{u<=s} log lam_u
         before = upto - log_decay  # G_{s-1}
         # H_s = exp(G_{s-1}) H_0 + sum_{r<s} exp(G_{s-1} - G_r) KV_r; every exponent is <= 0.
@@ -160,8 +165,8 @@ class HybridAttention(nn.Module):
         weights = weights.masked_fill(~earlier[None, :, :, None], float("-inf")).exp()
         states = torch.einsum("bsrh,brhde->bshde", weights, kv)
         states = states + before.exp()[..., None, None] * state[:, None]
-        q_decayed = q * gamma.cumsum(dim=2).exp()[..., None]
-        inter = torch.einsum("bsnhd,bshde->bsnhe", q_decayed, states)
+        q_decayed = q * gamma.cumsum(dim=-1).exp()[..., None]
+        inter = q_decayed @ states  # (B, S, H, N, d)
         last = S - 1
         final = log_decay[:, last].exp()[..., None, None] * states[:, last] + kv[:, last]
         return intra + inter, final
@@ -170,31 +175,32 @@ class HybridAttention(nn.Module):
         """One image (S = 1) against the state of all earlier images."""
         intra = intra_image_attention(p.q, p.k, p.v).float()
         q, k, v, gamma = p.q[:, 0].float(), p.k[:, 0].float(), p.v[:, 0].float(), p.gamma[:, 0]
-        q_decayed = q * gamma.cumsum(dim=1).exp()[..., None]  # (B, N, H, d)
-        inter = torch.einsum("bnhd,bhde->bnhe", q_decayed, state)
-        decay = gamma.mean(dim=1).exp()[..., None, None]  # (B, H, 1, 1)
-        new_state = decay * state + torch.einsum("bnhd,bnhe->bhde", k, v)
+        q_decayed = q * gamma.cumsum(dim=-1).exp()[..., None]  # (B, H, N, d)
+        inter = q_decayed @ state
+        decay = gamma.mean(dim=-1).exp()[..., None, None]  # (B, H, 1, 1)
+        new_state = decay * state + (k.transpose(-1, -2) @ v) * self.head_dim**-0.5
         return intra + inter[:, None], new_state
 
     def naive(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference with explicit loops; slow, for tests only."""
-        q, k, v, gamma = p.q.float(), p.k.float(), p.v.float(), p.gamma
-        B, S, N, H, d = q.shape
+        q, v, gamma = p.q.float(), p.v.float(), p.gamma
+        k = p.k.float() / self.head_dim**0.5  # k~
+        B, S, H, N, d = q.shape
         heads = list(state.unbind(1))  # H_s per head, (B, d, d)
         images = []
         for s in range(S):
             per_head = []
             for head in range(H):
-                qs, ks, vs = q[:, s, :, head], k[:, s, :, head], v[:, s, :, head]  # (B, N, d)
+                qs, ks, vs = q[:, s, head], k[:, s, head], v[:, s, head]  # (B, N, d)
                 intra = torch.softmax(qs @ ks.transpose(1, 2), dim=-1) @ vs
                 running = torch.zeros(B, device=q.device)
                 tokens = []
                 for i in range(N):
-                    running = running + gamma[:, s, i, head]
+                    running = running + gamma[:, s, head, i]
                     inter = (qs[:, i] * running.exp()[:, None])[:, None] @ heads[head]
                     tokens.append(intra[:, i] + inter[:, 0])
                 per_head.append(torch.stack(tokens, dim=1))
-                lam = gamma[:, s, :, head].mean(dim=1).exp()
+                lam = gamma[:, s, head].mean(dim=1).exp()
                 heads[head] = lam[:, None, None] * heads[head] + ks.transpose(1, 2) @ vs
-            images.append(torch.stack(per_head, dim=2))
+            images.append(torch.stack(per_head, dim=1))
         return torch.stack(images, dim=1), torch.stack(heads, dim=1)
