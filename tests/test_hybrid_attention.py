@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from arflow.models import HybridAttention
+from arflow.models.hybrid_attention import inter_image_parallel
 
 from tiny_models import randomize
 
@@ -103,3 +104,25 @@ def test_bf16_cuda_close_to_fp32(attn):
         out, final = attn(h, c, state)
     assert final.dtype == torch.float32
     assert_rel_close(out.float(), ref, 3e-2)
+
+
+def test_inter_image_term_runs_in_fp32_under_autocast():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, S, H, N, D // H, generator=gen).bfloat16() for _ in range(3))
+    gamma = -torch.rand(B, S, H, N, generator=gen) / 16
+    state = torch.randn(B, H, D // H, D // H, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inter, final = inter_image_parallel(q, k, v, gamma, state)
+    assert inter.dtype == final.dtype == torch.float32
+    ref_inter, ref_final = inter_image_parallel(q.float(), k.float(), v.float(), gamma, state)
+    assert torch.equal(inter, ref_inter) and torch.equal(final, ref_final)
+
+
+def test_bf16_autocast_close_to_fp32(attn):
+    h, c, state = make_inputs()
+    ref, ref_final = attn(h, c, state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, final = attn(h, c, state)
+    assert final.dtype == torch.float32
+    assert_rel_close(out.float(), ref, 5e-2)
+    assert_rel_close(final, ref_final, 5e-2)

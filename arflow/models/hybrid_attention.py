@@ -26,6 +26,7 @@ products and is carried over hundreds of sampling steps.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -70,6 +71,54 @@ def intra_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     return out.unflatten(0, (B, S))
+
+
+def fp32_no_autocast(fn):
+    """Run fn with autocast off and floating tensor arguments in fp32: the inter-image state sums
+    many images' products and is carried over hundreds of sampling steps."""
+
+    @functools.wraps(fn)
+    def wrapper(*tensors: torch.Tensor):
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            return fn(*(t.float() for t in tensors))
+
+    return wrapper
+
+
+@fp32_no_autocast
+def inter_image_parallel(q, k, v, gamma, state):
+    """Inter-image term for all S images and the state after the last one.
+
+    q, k, v: (B, S, H, N, d) with k unscaled; gamma: (B, S, H, N); state: (B, H, d, d)
+    -> (O2 (B, S, H, N, d), H_S (B, H, d, d)), fp32.
+    """
+    S, d = q.shape[1], q.shape[-1]
+    kv = (k.transpose(-1, -2) @ v) * d**-0.5  # KV_s = k~_s^T v_s, (B, S, H, d, d)
+    log_decay = gamma.mean(dim=-1)  # (B, S, H): log lam_s
+    upto = log_decay.cumsum(dim=1)  # G_s = sum_{u<=s} log lam_u
+    before = upto - log_decay  # G_{s-1}
+    # H_s = exp(G_{s-1}) H_0 + sum_{r<s} exp(G_{s-1} - G_r) KV_r; every exponent is <= 0.
+    earlier = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-1)  # [s, r]: r < s
+    weights = before[:, :, None] - upto[:, None, :]  # (B, S_s, S_r, H)
+    weights = weights.masked_fill(~earlier[None, :, :, None], float("-inf")).exp()
+    states = torch.einsum("bsrh,brhde->bshde", weights, kv)
+    states = states + before.exp()[..., None, None] * state[:, None]
+    inter = (q * gamma.cumsum(dim=-1).exp()[..., None]) @ states
+    final = log_decay[:, -1].exp()[..., None, None] * states[:, -1] + kv[:, -1]
+    return inter, final
+
+
+@fp32_no_autocast
+def inter_image_step(q, k, v, gamma, state):
+    """Inter-image term of one image and the state advanced past it.
+
+    q, k, v: (B, H, N, d) with k unscaled; gamma: (B, H, N); state: (B, H, d, d)
+    -> (O2 (B, H, N, d), new state (B, H, d, d)), fp32.
+    """
+    d = q.shape[-1]
+    inter = (q * gamma.cumsum(dim=-1).exp()[..., None]) @ state
+    decay = gamma.mean(dim=-1).exp()[..., None, None]  # (B, H, 1, 1)
+    return inter, decay * state + (k.transpose(-1, -2) @ v) * d**-0.5
 
 
 def check_state(state: torch.Tensor, batch: int, heads: int, head_dim: int) -> None:
@@ -126,7 +175,7 @@ class HybridAttention(nn.Module):
                 raise ValueError(f"the recurrent form takes one image per call, got S={S}")
             mixed, state = self.recurrent(p, state)
         elif form == "naive":
-            mixed, state = self.naive(p, state)
+            mixed, state = self.naive(p.q, p.k, p.v, p.gamma, state)
         else:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         return self.output(mixed, p.gate), state
@@ -153,38 +202,20 @@ class HybridAttention(nn.Module):
     def parallel(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All S images at once. Returns (O1 + O2 (B, S, H, N, d) fp32, final state)."""
         intra = intra_image_attention(p.q, p.k, p.v).float()
-        q, k, v, gamma = p.q.float(), p.k.float(), p.v.float(), p.gamma
-        kv = (k.transpose(-1, -2) @ v) * self.head_dim**-0.5  # KV_s = k~_s^T v_s, (B, S, H, d, d)
-        log_decay = gamma.mean(dim=-1)  # (B, S, H): log lam_s
-        upto = log_decay.cumsum(dim=1)  # G_s = sum_{u<=s} log lam_u
-        before = upto - log_decay  # G_{s-1}
-        # H_s = exp(G_{s-1}) H_0 + sum_{r<s} exp(G_{s-1} - G_r) KV_r; every exponent is <= 0.
-        S = kv.shape[1]
-        earlier = torch.ones(S, S, dtype=torch.bool, device=kv.device).tril(-1)  # [s, r]: r < s
-        weights = before[:, :, None] - upto[:, None, :]  # (B, S_s, S_r, H)
-        weights = weights.masked_fill(~earlier[None, :, :, None], float("-inf")).exp()
-        states = torch.einsum("bsrh,brhde->bshde", weights, kv)
-        states = states + before.exp()[..., None, None] * state[:, None]
-        q_decayed = q * gamma.cumsum(dim=-1).exp()[..., None]
-        inter = q_decayed @ states  # (B, S, H, N, d)
-        last = S - 1
-        final = log_decay[:, last].exp()[..., None, None] * states[:, last] + kv[:, last]
+        inter, final = inter_image_parallel(p.q, p.k, p.v, p.gamma, state)
         return intra + inter, final
 
     def recurrent(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One image (S = 1) against the state of all earlier images."""
         intra = intra_image_attention(p.q, p.k, p.v).float()
-        q, k, v, gamma = p.q[:, 0].float(), p.k[:, 0].float(), p.v[:, 0].float(), p.gamma[:, 0]
-        q_decayed = q * gamma.cumsum(dim=-1).exp()[..., None]  # (B, H, N, d)
-        inter = q_decayed @ state
-        decay = gamma.mean(dim=-1).exp()[..., None, None]  # (B, H, 1, 1)
-        new_state = decay * state + (k.transpose(-1, -2) @ v) * self.head_dim**-0.5
+        inter, new_state = inter_image_step(p.q[:, 0], p.k[:, 0], p.v[:, 0], p.gamma[:, 0], state)
         return intra + inter[:, None], new_state
 
-    def naive(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference with explicit loops; slow, for tests only."""
-        q, v, gamma = p.q.float(), p.v.float(), p.gamma
-        k = p.k.float() / self.head_dim**0.5  # k~
+    @staticmethod
+    @fp32_no_autocast
+    def naive(q, k, v, gamma, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference with explicit loops over images, heads and tokens; slow, for tests only."""
+        k = k / k.shape[-1] ** 0.5  # k~
         B, S, H, N, d = q.shape
         heads = list(state.unbind(1))  # H_s per head, (B, d, d)
         images = []
