@@ -2,6 +2,7 @@
 
 from .arflow import ARFlow, ARFlowBlock, ARFlowState, MODEL_NAMES, create_model, model_kwargs
 from .hybrid_attention import HybridAttention
+from .pretrained import architecture_of, infer_architecture, load_pretrained, save_pretrained
 
 __all__ = [
     "ARFlow",
@@ -11,4 +12,8 @@ __all__ = [
     "MODEL_NAMES",
     "create_model",
     "model_kwargs",
+    "architecture_of",
+    "infer_architecture",
+    "load_pretrained",
+    "save_pretrained",
 ]

@@ -1,0 +1,183 @@
+"""Self-describing weight files: one `.safetensors` holding an ARFlow state dict plus metadata
+(the constructor arguments and, optionally, the training config), so a model is rebuilt from
+the file alone with `load_pretrained(path)`.
+
+`infer_architecture` reads the architecture off a state dict's tensor shapes, for files that
+carry no metadata (the public release's checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from .arflow import ARFlow, MODEL_NAMES, model_kwargs
+
+ARCH_KEY = "arflow.architecture"
+NAME_KEY = "arflow.model"
+CONFIG_KEY = "arflow.config"
+
+
+def architecture_of(model: ARFlow) -> dict:
+    """Constructor arguments that rebuild `model`'s architecture."""
+    block = model.blocks[0]
+    return dict(
+        input_size=model.input_size,
+        patch_size=model.patch_size,
+        in_channels=model.in_channels,
+        hidden_size=model.pos_embed.shape[-1],
+        depth=len(model.blocks),
+        num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / block.mlp.fc1.in_features,
+        class_dropout_prob=model.y_embedder.dropout_prob,
+        num_classes=model.num_classes,
+        learn_sigma=model.learn_sigma,
+    )
+
+
+def zoo_name(arch: dict) -> str | None:
+    """The zoo name ("ARFlow-XL/2") whose shape matches `arch`, if any."""
+    for name in MODEL_NAMES:
+        zoo = model_kwargs(name)
+        if all(arch[k] == v for k, v in zoo.items()) and arch["mlp_ratio"] == 4.0:
+            return name
+    return None
+
+
+def infer_architecture(state: dict[str, torch.Tensor], class_dropout_prob: float = 0.1) -> dict:
+    """Constructor arguments read off the tensor shapes of an ARFlow state dict.
+
+    The embedding table has num_classes + 1 rows when the model was trained with label dropout
+    (the null class); `class_dropout_prob` says which case applies (the release used 0.1).
+    """
+    required = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+                "final_layer.linear.weight", "blocks.0.attn.gt_proj.weight", "blocks.0.mlp.fc1.weight")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"not an ARFlow state dict: missing {', '.join(missing)}")
+    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    tokens = state["pos_embed"].shape[1]
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise ValueError(f"pos_embed has {tokens} positions, not a square grid")
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    out_per_token = state["final_layer.linear.weight"].shape[0]
+    out_channels = out_per_token // (patch * patch)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ValueError(
+            f"final_layer.linear gives {out_channels} output channels for {in_channels} input "
+            f"channels: expected {in_channels} or {2 * in_channels}"
+        )
+    rows = state["y_embedder.embedding_table.weight"].shape[0]
+    return dict(
+        input_size=grid * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=state["blocks.0.attn.gt_proj.weight"].shape[0],
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        class_dropout_prob=class_dropout_prob,
+        num_classes=rows - 1 if class_dropout_prob > 0 else rows,
+        learn_sigma=out_channels == 2 * in_channels,
+    )
+
+
+def save_pretrained(
+    state: dict[str, torch.Tensor], path: str | Path, arch: dict, config: dict | None = None
+) -> Path:
+    """Write `state` and its architecture (and the training config, if given) to one file.
+    The state is checked against the architecture first (strict), so no unloadable file is
+    written."""
+    from safetensors.torch import save_file
+
+    ARFlow(**arch).to("meta").load_state_dict(state, strict=True, assign=True)
+    metadata = {ARCH_KEY: json.dumps(arch)}
+    name = zoo_name(arch)
+    if name:
+        metadata[NAME_KEY] = name
+    if config is not None:
+        metadata[CONFIG_KEY] = json.dumps(config)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)  # never leave a half-written file under the final name
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of a weight file written by `save_pretrained` (architecture, config)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if ARCH_KEY not in meta:
+        raise ValueError(
+            f"{path} has no '{ARCH_KEY}' metadata: it was not written by arflow "
+            f"(convert it with tools/convert_ckpt.py)"
+        )
+    return {
+        "architecture": json.loads(meta[ARCH_KEY]),
+        "model": meta.get(NAME_KEY),
+        "config": json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None,
+    }
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> ARFlow:
+    """Build the model described by a weight file's metadata and load its weights (strict),
+    in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {path} does not exist")
+    meta = read_metadata(path)
+    model = ARFlow(**meta["architecture"])
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.to(device).eval()
+
+
+def read_official_checkpoint(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The model weights of a public-release checkpoint: a plain state dict, or a dict holding
+    "ema" and/or "model" (training checkpoints also hold an argparse.Namespace under "args").
+
+    Loaded with weights_only=True; argparse.Namespace is the one class allowed beyond tensors
+    and containers, so a file that needs any other code to unpickle is refused, never run.
+    """
+    import argparse
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing {path}: it needs arbitrary code to unpickle, which is never executed "
+            f"here (only tensors, containers and argparse.Namespace are allowed). Details: {err}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of weights")
+    if all(torch.is_tensor(v) for v in obj.values()):
+        state = obj
+    else:
+        order = ("ema", "model") if use_ema else ("model",)
+        key = next((k for k in order if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            raise ValueError(
+                f"{path} is neither a state dict nor a dict with {' or '.join(map(repr, order))} "
+                f"(keys: {sorted(obj)})"
+            )
+        state = obj[key]
+    # Weights saved from a DDP- or torch.compile-wrapped model carry a prefix.
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state

@@ -1,0 +1,152 @@
+"""Self-describing weight files, public-release import and the sampling CLI."""
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from arflow.models import ARFlow, architecture_of, infer_architecture, load_pretrained, save_pretrained
+
+from tiny_models import sequence, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(relpath: str):
+    spec = importlib.util.spec_from_file_location(Path(relpath).stem, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_ckpt = load_tool("tools/convert_ckpt.py")
+
+
+def test_save_and_load_pretrained_roundtrip(tmp_path):
+    model = tiny_model(seed=3)
+    path = save_pretrained(model.state_dict(), tmp_path / "m.safetensors", architecture_of(model),
+                           config={"run": {"name": "x"}})
+    loaded = load_pretrained(path)
+    x, t, y = sequence()
+    assert torch.equal(loaded(x, t, y), model(x, t, y))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_save_pretrained_refuses_a_state_that_does_not_fit(tmp_path):
+    model = tiny_model()
+    state = model.state_dict()
+    del state["blocks.1.attn.gt_proj.weight"]
+    with pytest.raises(RuntimeError, match="gt_proj"):
+        save_pretrained(state, tmp_path / "m.safetensors", architecture_of(model))
+    assert not list(tmp_path.iterdir())
+
+
+def test_load_pretrained_names_a_foreign_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not written by arflow"):
+        load_pretrained(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("name", ["ARFlow-XL/2", "ARFlow-B/4", "ARFlow-S/8"])
+def test_architecture_inferred_from_shapes(name):
+    from arflow.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(name, input_size=16 if name.endswith("/8") else 32, num_classes=1000)
+    assert infer_architecture(model.state_dict()) == architecture_of(model)
+
+
+def release_checkpoint(tmp_path, layout: str) -> tuple[Path, ARFlow]:
+    """A checkpoint in the release's layouts, from this project's model with another seed.
+    Returns the file and the model whose weights should come out (the EMA where present)."""
+    ema, raw = tiny_model(seed=7, num_classes=10), tiny_model(seed=8, num_classes=10)
+    if layout == "plain":
+        obj, expected = ema.state_dict(), ema
+    elif layout == "training":  # what the release's train loop saves
+        obj = {"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {"state": {}},
+               "args": argparse.Namespace(model="ARFlow-S/2", image_size=256)}
+        expected = ema
+    else:  # only the raw model, saved from a DDP wrapper
+        obj, expected = {"model": {f"module.{k}": v for k, v in raw.state_dict().items()}}, raw
+    path = tmp_path / f"{layout}.pt"
+    torch.save(obj, path)
+    return path, expected
+
+
+@pytest.mark.parametrize("layout", ["plain", "training", "ddp_model_only"])
+def test_official_import_gives_equal_outputs(tmp_path, layout, capsys):
+    path, expected = release_checkpoint(tmp_path, layout)
+    out = tmp_path / "imported.safetensors"
+    convert_ckpt.main(["--from-official", str(path), "--out", str(out)])
+    assert "inferred architecture (custom)" in capsys.readouterr().err
+    model = load_pretrained(out)
+    x, t, y = sequence()
+    assert torch.equal(model(x, t, y), expected(x, t, y))
+
+
+def test_official_import_no_ema_and_to_pt(tmp_path):
+    path, _ = release_checkpoint(tmp_path, "training")
+    raw = tiny_model(seed=8, num_classes=10)
+    out = tmp_path / "raw.pt"
+    convert_ckpt.main(["--from-official", str(path), "--no-ema", "--to-pt", "--out", str(out)])
+    state = torch.load(out, weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in raw.state_dict().items())
+
+
+def test_official_import_overrides(tmp_path):
+    path, _ = release_checkpoint(tmp_path, "plain")
+    out = tmp_path / "m.safetensors"
+    convert_ckpt.main(["--from-official", str(path), "--out", str(out), "--arch-num-classes", "11",
+                       "--arch-class-dropout-prob", "0"])
+    assert load_pretrained(out).num_classes == 11
+
+
+class Payload:
+    """Unpickling this runs code: it must never happen."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_needing_code_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": tiny_model().state_dict(), "extra": Payload(marker)}, path)
+    with pytest.raises(ValueError, match="needs arbitrary code to unpickle"):
+        convert_ckpt.main(["--from-official", str(path), "--out", str(tmp_path / "x.safetensors")])
+    assert not marker.exists()
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_sample_cli_writes_png_of_expected_size(tmp_path):
+    model = tiny_model(seed=2, num_classes=10)  # a digits-shaped pixel model: 3 x 8 x 8
+    ckpt = save_pretrained(model.state_dict(), tmp_path / "digits.safetensors", architecture_of(model))
+    out = tmp_path / "grid.png"
+    cmd = [sys.executable, str(ROOT / "launchers/sample.py"), "--ckpt", str(ckpt), "--classes",
+           "1,2,3,4,5", "--cfg", "1.5", "--steps", "4", "--sampler", "sde", "--seed", "0",
+           "--out", str(out), "--device", "cpu"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    with Image.open(out) as image:
+        assert image.size == (3 * 8, 2 * 8)  # 5 images on a 3-column grid
+        assert image.mode == "RGB"
+    first = out.read_bytes()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    assert out.read_bytes() == first, "same seed, same grid"
+
+
+def test_sample_cli_rejects_bad_classes(tmp_path):
+    model = tiny_model(num_classes=10)
+    ckpt = save_pretrained(model.state_dict(), tmp_path / "m.safetensors", architecture_of(model))
+    sample_cli = load_tool("launchers/sample.py")
+    with pytest.raises(SystemExit, match=r"--classes \[12\] out of range"):
+        sample_cli.main(["--ckpt", str(ckpt), "--classes", "1,12", "--out", str(tmp_path / "g.png")])
