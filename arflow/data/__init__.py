@@ -1,0 +1,19 @@
+"""Class-bucketed WebDataset shards on local disk or object storage, streamed into same-class sequences.
+
+    from arflow.data import load_manifest, Manifest, SequenceLoader
+
+Modules: ``manifest`` (the shard set's description), ``shards`` (tar format, reading, writing),
+``storage`` (fsspec access with bounded retries), ``plan`` (what an epoch holds and who emits it),
+``sequences`` (one stream: shards -> sequences), ``loader`` (SequenceLoader: batches, resume),
+``sources`` / ``encoders`` / ``build`` (writing a shard set; see tools/make_shards.py).
+"""
+
+from arflow.data.errors import BadSampleWarning, DataError, ManifestError, ShardError, StorageError
+from arflow.data.loader import SequenceLoader
+from arflow.data.manifest import Manifest, ShardInfo, load_manifest
+from arflow.data.storage import RetryPolicy
+
+__all__ = [
+    "BadSampleWarning", "DataError", "Manifest", "ManifestError", "RetryPolicy", "SequenceLoader", "ShardError",
+    "ShardInfo", "StorageError", "load_manifest",
+]

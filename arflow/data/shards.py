@@ -1,0 +1,189 @@
+"""Shard format, writing and reading.
+
+A shard is an uncompressed WebDataset tar holding samples of one class. A sample is two members::
+
+    <class:05d>_<index:07d>.cls   the class id as decimal text
+    <class:05d>_<index:07d>.npy   the stored array (see the manifest's "stored" dtype and shape)
+
+Members are written with a fixed mtime, so identical content gives identical bytes (and checksums).
+
+Reading streams the tar front to back (``tarfile`` streaming mode through webdataset's member
+iterator), so a shard on object storage is fetched with sequential range requests and never needs
+random access. A sample that cannot be read or decoded is reported and skipped; a shard whose bytes
+do not hash to the manifest's sha256 while every sample decoded raises :class:`ShardError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import tarfile
+from typing import Callable, Iterator
+
+import numpy as np
+import webdataset as wds
+from webdataset.tariterators import tar_file_iterator
+
+from arflow.data.errors import ShardError
+from arflow.data.manifest import ShardInfo
+from arflow.data.storage import HashingWriter, RetryingReader, RetryPolicy, ensure_parent, filesystem, partial_path
+
+PAYLOAD = "npy"
+LABEL = "cls"
+# Tar headers carry this mtime; a constant makes shards byte-for-byte reproducible.
+MTIME = 0
+
+
+def sample_key(class_id: int, index: int) -> str:
+    return f"{class_id:05d}_{index:07d}"
+
+
+def record_bytes(class_id: int, dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes one sample takes in a shard: per member a 512-byte tar header plus data padded to 512."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(shape, dtype))
+    return sum(512 + -(-size // 512) * 512 for size in (buffer.tell(), len(str(class_id))))
+
+
+def write_shard(url: str, class_id: int, arrays: list[np.ndarray], keys: list[str],
+                storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()) -> tuple[int, str]:
+    """Write one shard atomically (see ``storage.partial_path``). Returns (bytes, sha256 hex).
+
+    arrays: the stored array of each sample, all of one dtype and shape; keys: their sample keys.
+    A transient storage failure rewrites the shard from the start (bounded by ``retry``).
+    """
+    fs, path = filesystem(url, storage_options)
+    ensure_parent(url, storage_options)
+    partial = partial_path(fs, path)
+
+    def attempt() -> tuple[int, str]:
+        with fs.open(partial, "wb") as file:
+            out = HashingWriter(file)
+            with wds.TarWriter(out, mtime=MTIME) as tar:
+                for key, array in zip(keys, arrays):
+                    tar.write({"__key__": key, PAYLOAD: np.ascontiguousarray(array), LABEL: str(class_id)})
+        if partial != path:
+            fs.mv(partial, path)
+        return out.size, out.sha256.hexdigest()
+
+    return retry.call(url, attempt)
+
+
+def iter_shard(
+    shard: ShardInfo,
+    *,
+    dtype: str,
+    shape: tuple[int, ...],
+    on_bad: Callable[[str, int], None],
+    storage_options: dict | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+    verify: bool = True,
+) -> Iterator[tuple[int, np.ndarray | None]]:
+    """Yield ``(index, array)`` for index 0..shard.count-1 in stored order; ``None`` for a bad sample.
+
+    ``on_bad(message, count)`` reports ``count`` bad samples: undecodable, of the wrong class, dtype
+    or shape (one call each), or missing because the shard ends early (one call for all of them). After the last sample the rest of the object is read and
+    its size and sha256 compared with the manifest when ``verify``: a mismatch raises
+    :class:`ShardError` if no sample was bad (silent corruption or a shard from another run), and is
+    reported through ``on_bad``'s earlier messages otherwise.
+    """
+    try:
+        reader = RetryingReader(shard.url, storage_options, retry)
+    except FileNotFoundError:
+        raise ShardError(f"shard {shard.url} listed in the manifest does not exist") from None
+    try:
+        yield from _samples(reader, shard, dtype, shape, on_bad, verify)
+    finally:
+        reader.close()
+
+
+def _samples(reader: RetryingReader, shard: ShardInfo, dtype: str, shape: tuple[int, ...],
+             on_bad: Callable[[str, int], None], verify: bool) -> Iterator[tuple[int, np.ndarray | None]]:
+    bad = 0
+
+    def report(message: str, count: int = 1) -> None:
+        nonlocal bad
+        bad += count
+        on_bad(f"shard {shard.url}: {message}", count)
+
+    index = 0
+    key, parts = None, {}
+    try:
+        for member in tar_file_iterator(reader):
+            name, _, ext = member["fname"].partition(".")
+            if name != key:
+                if parts:  # the previous sample lacked a member
+                    report(f"member {key}: incomplete sample (has {sorted(parts)}), skipped")
+                    yield index, None
+                    index += 1
+                key, parts = name, {}
+            parts[ext] = member["data"]
+            if PAYLOAD in parts and LABEL in parts:
+                if index >= shard.count:
+                    report(f"member {key}: more samples than the manifest's {shard.count}, ignored")
+                else:
+                    try:
+                        array = _decode(parts, shard.class_id, dtype, shape)
+                    except Exception as exc:  # any decoding failure condemns this sample only
+                        report(f"member {key}.{PAYLOAD}: {exc}, skipped")
+                        array = None
+                    yield index, array
+                index += 1
+                parts = {}
+        if parts:
+            report(f"member {key}: incomplete sample (has {sorted(parts)}), skipped")
+            yield index, None
+            index += 1
+        ended = "the shard ends early"
+    except Exception as exc:  # tarfile's errors for a truncated or garbled stream
+        if not _is_format_error(exc):
+            raise
+        ended = f"unreadable after member {key or '(none)'}: {type(exc).__name__}: {exc}"
+    if index < shard.count:
+        report(f"samples #{index}..#{shard.count - 1} missing ({ended}), skipped", shard.count - index)
+        for missing in range(index, shard.count):
+            yield missing, None
+    if not verify:
+        return
+    try:
+        reader.read_to_end()
+    except Exception as exc:
+        if not _is_format_error(exc):
+            raise
+    digest = reader.sha256.hexdigest()
+    if (digest, reader.position) != (shard.sha256, shard.bytes) and bad == 0:
+        raise ShardError(
+            f"shard {shard.url}: checksum mismatch: the manifest says sha256 {shard.sha256} ({shard.bytes} bytes), "
+            f"the shard has sha256 {digest} ({reader.position} bytes); it was modified or belongs to another "
+            f"shard set; rewrite it with tools/make_shards.py"
+        )
+
+
+def _is_format_error(exc: BaseException) -> bool:
+    return isinstance(exc, (tarfile.TarError, EOFError, ValueError, UnicodeDecodeError))
+
+
+def _decode(parts: dict, class_id: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Raise ValueError with the reason when the sample does not match its shard's description."""
+    label = parts[LABEL].decode("ascii", "replace").strip()
+    if label != str(class_id):
+        raise ValueError(f"class {label!r} in a shard of class {class_id}")
+    data = parts[PAYLOAD]
+    header = _npy_header(dtype, tuple(shape))
+    if data.startswith(header) and len(data) == len(header) + np.dtype(dtype).itemsize * math.prod(shape):
+        # the common case: exactly the bytes np.save writes for this dtype and shape; parsing the
+        # header (np.load evaluates it as a Python literal) would cost more than the copy
+        return np.frombuffer(data, dtype, offset=len(header)).reshape(shape)
+    array = np.load(io.BytesIO(data), allow_pickle=False)  # anything else: np.load's diagnosis
+    if array.dtype != np.dtype(dtype) or array.shape != tuple(shape):
+        raise ValueError(f"array {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}")
+    return array
+
+
+@functools.lru_cache(maxsize=8)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The .npy header np.save writes for an array of this dtype and shape."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(shape, dtype))
+    return buffer.getvalue()[: -np.dtype(dtype).itemsize * math.prod(shape)]

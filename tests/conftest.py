@@ -1,0 +1,121 @@
+"""Shared fixtures: a real S3 endpoint (moto's standalone server) on 127.0.0.1, and digits shards.
+
+``moto_s3`` (session): one ``python -m moto.server`` subprocess on a free port, stopped after the
+session. Use ``moto_s3.bucket()`` for a fresh bucket and ``moto_s3.storage_options`` for fsspec/s3fs::
+
+    def test_x(moto_s3):
+        url = f"s3://{moto_s3.bucket()}/data"
+        fs = fsspec.filesystem("s3", **moto_s3.storage_options)
+
+Dummy AWS credentials are set in the environment for the session (moto accepts any).
+``moto_server_factory(env)`` starts further servers (e.g. with ``INITIAL_NO_AUTH_ACTION_COUNT=0``,
+which makes moto check credentials), all stopped after the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import pytest
+
+DUMMY_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server(env: dict | None = None, timeout: float = 60.0):
+    """Run moto's S3 server on a free loopback port; yields its endpoint URL."""
+    port = free_port()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        raise RuntimeError(f"moto_server did not start on {url}:\n{log.read().decode()[-2000:]}")
+                    time.sleep(0.05)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass
+class S3Endpoint:
+    url: str
+    _names = itertools.count()
+
+    @property
+    def storage_options(self) -> dict:
+        return {"client_kwargs": {"endpoint_url": self.url}}
+
+    def bucket(self, prefix: str = "test") -> str:
+        """Create a fresh bucket (boto3: s3fs.mkdir sends a region constraint moto rejects)."""
+        import boto3
+
+        name = f"{prefix}-{next(self._names)}"
+        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1").create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def aws_env():
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in DUMMY_AWS_ENV.items():
+            patch.setenv(key, value)
+        yield
+
+
+@pytest.fixture(scope="session")
+def moto_s3(aws_env):
+    with moto_server() as url:
+        yield S3Endpoint(url)
+
+
+@pytest.fixture(scope="session")
+def moto_server_factory(aws_env):
+    with contextlib.ExitStack() as stack:
+        yield lambda env=None: stack.enter_context(moto_server(env))
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """Digits at 8x8 pixels in shards of at most 64 KB (30 samples): every class spans 5-7 shards."""
+    from arflow.data.build import build_shards
+    from arflow.data.encoders import PixelEncoder
+    from arflow.data.sources import DigitsSource
+
+    out = str(tmp_path_factory.mktemp("digits8"))
+    build_shards(DigitsSource(8), PixelEncoder(8), out, shard_size=64_000, progress=False)
+    return out
