@@ -184,11 +184,11 @@ class HybridAttention(nn.Module):
         """h: (B, S, N, D), c: (B, S, D) -> the per-head projections every form shares."""
         B, S, N, D = h.shape
         H, d = self.num_heads, self.head_dim
-        # One matmul for q, k, v and the output gate: the weights are concatenated on the fly
-        # (cheap next to the activations) so the parameters keep the release's names.
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight])
-        qkv, gate = F.linear(h, weight).split([3 * D, D], dim=-1)
-        qkv = rms_norm(qkv.unflatten(-1, (3, H, d))).permute(3, 0, 1, 4, 2, 5)  # (3, B, S, H, N, d)
+        # Each projection runs through its own module (never by reading .weight here): sharding
+        # engines such as ZeRO-3 gather a module's parameters only around its own forward.
+        qkv = torch.stack([self.q_proj(h), self.k_proj(h), self.v_proj(h)], dim=-2)  # (B, S, N, 3, D)
+        qkv = rms_norm(qkv.unflatten(-1, (H, d))).permute(3, 0, 1, 4, 2, 5)  # (3, B, S, H, N, d)
+        gate = self.g_proj(h)
         # (h + c) W_gt = h W_gt + c W_gt: the conditioning term is computed once per image.
         logits = self.gt_proj(h) + self.gt_proj(c)[:, :, None]
         gamma = F.logsigmoid(logits.float()).transpose(2, 3) / self.gate_logit_normalizer
