@@ -1,0 +1,359 @@
+"""The one typed configuration schema of a training run.
+
+A run is described by a JSON file (see `configs/`) plus `--set key.path=value` overrides. Every
+section is a dataclass; `load_config` checks every key and type and `Config.validate` checks the
+combinations that need the world size, all before any model, data or process group is built.
+Errors are `ConfigError`s whose message starts with the offending key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key path (e.g. `train.micro_batch_size`)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "arflow"
+    # Output directory: metrics.jsonl, sample grids, wandb files, and checkpoints by default.
+    dir: str = "runs/arflow"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # A zoo name "ARFlow-{S,B,L,XL}/{2,4,8}"; depth / hidden_size / num_heads override the zoo's
+    # values (small models for CPU runs) and are null to keep them.
+    name: str = "ARFlow-XL/2"
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+
+    def architecture(self) -> dict:
+        """Keyword arguments of `ARFlow(...)`; they fix every parameter shape."""
+        from arflow.models import model_kwargs
+
+        arch = model_kwargs(self.name)
+        for key in ("depth", "hidden_size", "num_heads"):
+            if getattr(self, key) is not None:
+                arch[key] = getattr(self, key)
+        return dict(
+            arch,
+            input_size=self.input_size,
+            in_channels=self.in_channels,
+            num_classes=self.num_classes,
+            learn_sigma=self.learn_sigma,
+        )
+
+
+@dataclass
+class DataConfig:
+    # Directory or fsspec URL (s3://...) of class-bucketed shards with a manifest.json, or
+    # "synthetic" for random tensors of the model's shape (benchmarks, smoke tests).
+    url: str = "synthetic"
+    seq_len: int = 5
+    num_workers: int = 2
+    class_sampling: Literal["uniform", "proportional"] = "uniform"
+    storage_options: dict | None = None
+    prefetch_factor: int = 2
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch_size: int = 256
+    micro_batch_size: int = 32
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # Consecutive steps with a non-finite loss or gradient after which the run stops.
+    max_nonfinite_steps: int = 10
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.02  # not applied to 1-D parameters (norms, biases, embeddings' bias)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0  # end of the cosine / linear decay, as a fraction of lr
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+
+
+@dataclass
+class ParallelConfig:
+    backend: Literal["deepspeed", "fsdp2", "ddp"] = "deepspeed"
+    zero_stage: int = 2  # DeepSpeed only: 1, 2 or 3
+    # "auto": bf16 on CUDA, fp32 on CPU. Master weights and optimizer state are fp32 always.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    activation_checkpointing: bool = False  # per transformer block
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # local path or fsspec URL; default <run.dir>/checkpoints
+    every: int = 1000  # steps; 0 saves only at the end and on SIGTERM / SIGUSR1
+    keep_last: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 50  # steps between metrics.jsonl / wandb records
+    progress: bool = True  # rank-0 tqdm bar
+    wandb: bool = True  # offline automatically when no credentials are configured
+    project: str = "arflow"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SamplesConfig:
+    """The grid of EMA samples written (and sent to wandb) at each evaluation."""
+
+    every: int = 0  # steps; 0 = only together with eval.every and at the end of the run
+    classes: list[int] = field(default_factory=lambda: list(range(8)))
+    per_class: int = 8
+    method: Literal["sde", "euler", "heun"] = "euler"
+    steps: int = 50
+    cfg_scale: float = 1.0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    # The evaluation section belongs to arflow.eval (its EvalConfig); kept as given here and
+    # parsed by `eval_config()` so loading a config never imports the evaluation stack.
+    eval: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------ derived
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run.dir.rstrip('/')}/checkpoints"
+
+    def grad_accumulation(self, world_size: int) -> int:
+        return self.train.global_batch_size // (world_size * self.train.micro_batch_size)
+
+    def eval_config(self):
+        """arflow.eval.EvalConfig of the `eval` section, or None when evaluation is off."""
+        if not self.eval:
+            return None
+        from arflow.eval import EvalConfig
+
+        try:
+            cfg = EvalConfig.from_dict(self.eval)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"eval: {e}") from e
+        return cfg if getattr(cfg, "every", 0) else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # --------------------------------------------------------------------------- validation
+    def validate(self, world_size: int = 1) -> "Config":
+        """Check combinations; raises ConfigError naming the key. Returns self."""
+        t, m = self.train, self.model
+        _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+        _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _check(world_size >= 1, "world_size", "must be >= 1")
+        per_step = world_size * t.micro_batch_size
+        _check(
+            t.global_batch_size >= per_step and t.global_batch_size % per_step == 0,
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not a positive multiple of world size ({world_size}) x "
+            f"train.micro_batch_size ({t.micro_batch_size}) = {per_step}",
+        )
+        _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+        try:
+            arch = m.architecture()
+        except ValueError as e:
+            raise ConfigError(f"model.name: {e}") from None
+        _check(
+            m.input_size % arch["patch_size"] == 0,
+            "model.input_size",
+            f"{m.input_size} is not divisible by the patch size {arch['patch_size']} of {m.name}",
+        )
+        _check(
+            arch["hidden_size"] % arch["num_heads"] == 0,
+            "model.num_heads",
+            f"hidden size {arch['hidden_size']} is not divisible by {arch['num_heads']} heads",
+        )
+        for key in ("depth", "hidden_size", "num_heads", "input_size", "in_channels", "num_classes"):
+            value = getattr(m, key)
+            _check(value is None or value >= 1, f"model.{key}", f"must be >= 1, got {value}")
+        _check(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", "must lie in [0, 1)")
+        _check(self.data.seq_len >= 1, "data.seq_len", "must be >= 1")
+        _check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+        o = self.optim
+        _check(o.lr > 0, "optim.lr", "must be > 0")
+        _check(
+            len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+            "optim.betas",
+            f"must be two numbers in [0, 1), got {o.betas}",
+        )
+        _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
+        _check(0 <= self.ema.decay < 1, "ema.decay", f"must lie in [0, 1), got {self.ema.decay}")
+        p = self.parallel
+        _check(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {p.zero_stage}")
+        c = self.checkpoint
+        _check(c.every >= 0, "checkpoint.every", "must be >= 0")
+        _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        _check(self.logging.every >= 1, "logging.every", "must be >= 1")
+        s = self.samples
+        _check(s.every >= 0, "samples.every", "must be >= 0")
+        _check(s.per_class >= 1, "samples.per_class", "must be >= 1")
+        _check(
+            all(0 <= k < m.num_classes for k in s.classes),
+            "samples.classes",
+            f"class ids must lie in [0, {m.num_classes - 1}]",
+        )
+        _check(s.steps >= 2, "samples.steps", "must be >= 2")
+        self.eval_config()  # the evaluation section's own checks
+        return self
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# ------------------------------------------------------------------------------------ parsing
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check `value` against the annotation `tp` (JSON types only); ints are accepted as floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected an object, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {key}")
+
+
+def _from_dict(cls, data: Any, prefix: str = ""):
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key (known keys of {where}: {', '.join(sorted(names))})")
+    kwargs = {
+        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are JSON when they parse as JSON (numbers, true, null, lists), else strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides to a raw config dict (in place); returns it."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parents[: i + 1])}: is not an object, cannot set {key}")
+        node[leaf] = _parse_value(text)
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    """Typed Config from a raw dict; unknown keys and wrong types raise ConfigError."""
+    return _from_dict(Config, data)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a JSON config file, apply `--set` overrides and check keys and types."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    return config_from_dict(apply_overrides(data, list(overrides)))

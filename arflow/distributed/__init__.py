@@ -1,0 +1,9 @@
+"""Distribution from outside the model: process group, backends (DDP, FSDP2, DeepSpeed ZeRO),
+EMA in the backend's layout, and atomic checkpoints."""
+
+from .backend import Backend, StepResult, build_backend
+from .checkpoint import CheckpointManager
+from .ema import EMA
+from .env import DistInfo, init_distributed, shutdown
+
+__all__ = ["Backend", "CheckpointManager", "DistInfo", "EMA", "StepResult", "build_backend", "init_distributed", "shutdown"]

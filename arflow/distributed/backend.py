@@ -1,0 +1,130 @@
+"""The small interface every data-parallel backend implements, and what they share.
+
+The trainer builds a plain model, hands it to `build_backend`, and from then on only talks to
+the backend: one optimizer step over a list of micro-batches, the fp32 tensors the EMA tracks,
+gathering sharded tensors for sampling, and saving / loading its own state. Parallelism is
+applied from outside the model (torchtitan's "parallelize" step): the model code never learns
+which backend runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from arflow.config import Config
+from arflow.distributed.env import DistInfo
+
+# loss_fn(model, x (B, S, C, H, W), y (B,)) -> scalar loss
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-batches and ranks (nan when non-finite somewhere)
+    grad_norm: float  # global norm before clipping
+    skipped: bool  # non-finite loss or gradient: no parameter or optimizer-state change
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    precision = cfg.parallel.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices / conv kernels only, none on 1-D tensors (biases, norm
+    gains). Frozen parameters (the fixed positional table) are left out."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(params: Iterable | list[dict], cfg: Config, cls=torch.optim.AdamW):
+    o = cfg.optim
+    # foreach keeps the update order deterministic and fast on CPU and GPU alike.
+    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def checkpoint_blocks(module: nn.Module) -> None:
+    """Recompute each transformer block's activations in backward. Only `forward` is wrapped,
+    so parameter names (and checkpoints) stay those of the plain model."""
+    for block in module.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    """Mean of a scalar over ranks (one all-reduce; nan if any rank's value is nan)."""
+    t = value.detach().double().reshape(1)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+class Backend(ABC):
+    """One data-parallel strategy. `module` is the user's model as the backend holds it
+    (possibly sharded); `model` is what forward is called on."""
+
+    name: str
+
+    def __init__(self, module: nn.Module, cfg: Config, info: DistInfo):
+        self.cfg = cfg
+        self.info = info
+        self.dtype = compute_dtype(cfg, info.device)
+
+    # -------------------------------------------------------------------------- training
+    @abstractmethod
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn, lr: float) -> StepResult:
+        """Forward/backward over the micro-batches, then one optimizer step at `lr` unless a
+        loss or the gradient is non-finite on any rank."""
+
+    # ------------------------------------------------------------------------------- EMA
+    @abstractmethod
+    def master_params(self) -> dict[str, torch.Tensor]:
+        """Name -> this rank's fp32 master copy of each trainable parameter (a shard where the
+        backend shards them). The EMA mirrors exactly these tensors."""
+
+    @abstractmethod
+    def gather_full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full tensors, on every rank, from local ones laid out like `master_params()`."""
+
+    # ------------------------------------------------------------------------ checkpoints
+    @abstractmethod
+    def save(self, path: str, ema: dict[str, torch.Tensor]) -> None:
+        """Write model, optimizer and EMA state under the local directory `path` (every rank)."""
+
+    @abstractmethod
+    def load(self, path: str, ema: dict[str, torch.Tensor], reshard: bool, shared: bool) -> None:
+        """Restore what `save` wrote into the live model, optimizer and `ema` (in place).
+        `reshard`: written with another world size or layout; `shared`: every rank sees the
+        same `path` (False when each rank downloaded its own copy of a remote checkpoint)."""
+
+
+def build_backend(module: nn.Module, cfg: Config, info: DistInfo, reshard_resume: bool = False) -> Backend:
+    """Parallelize `module` (on CPU, fp32, freshly initialised) with the configured backend.
+    `reshard_resume`: the run will load a checkpoint written with another world size or ZeRO
+    stage (DeepSpeed must know before it builds its optimizer)."""
+    name = cfg.parallel.backend
+    if name == "ddp":
+        from arflow.distributed.native import DDPBackend
+
+        return DDPBackend(module, cfg, info)
+    if name == "fsdp2":
+        from arflow.distributed.native import FSDP2Backend
+
+        return FSDP2Backend(module, cfg, info)
+    from arflow.distributed.zero import DeepSpeedBackend
+
+    return DeepSpeedBackend(module, cfg, info, universal_resume=reshard_resume)

@@ -1,0 +1,377 @@
+"""The trainer: data -> backend step -> EMA -> logging, evaluation and checkpoints.
+
+    from arflow.config import load_config
+    from arflow.train import run
+    run(load_config("configs/digits_cpu.json"), resume="auto")
+
+`run` is all a launcher calls; it joins the process group, trains and leaves the group. The
+loop stops at `train.steps`, on SIGTERM / SIGUSR1 (after finishing the step and saving), or
+after `train.max_nonfinite_steps` consecutive non-finite steps (without saving, so the last
+good checkpoint stays the latest).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from arflow.config import Config, ConfigError, ModelConfig
+from arflow.distributed.backend import Backend, build_backend
+from arflow.distributed.checkpoint import CheckpointManager, Found, fetch
+from arflow.distributed.ema import EMA
+from arflow.distributed.env import DistInfo, any_true, init_distributed, shutdown
+from arflow.flow.transport import training_loss
+from arflow.models import ARFlow
+from arflow.utils.images import save_grid
+from arflow.utils.metrics import MetricsLogger, peak_memory_gb
+from arflow.utils.rng import preserved_rng, rng_state, seed_rank, set_rng_state
+from arflow.utils.schedule import lr_at
+from arflow.utils.signals import PreemptionFlag
+from arflow.utils.synthetic import SyntheticLoader
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def build_loader(cfg: Config, info: DistInfo):
+    """The data pipeline for this rank, checked against the model's input shape."""
+    d, m = cfg.data, cfg.model
+    if d.url == "synthetic":
+        return SyntheticLoader(
+            sample_shape=(m.in_channels, m.input_size, m.input_size),
+            num_classes=m.num_classes,
+            seq_len=d.seq_len,
+            batch_size=cfg.train.micro_batch_size,
+            rank=info.rank,
+            seed=cfg.run.seed,
+        )
+    from arflow.data import SequenceLoader
+
+    loader = SequenceLoader(
+        d.url,
+        seq_len=d.seq_len,
+        batch_size=cfg.train.micro_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        num_workers=d.num_workers,
+        seed=cfg.run.seed,
+        class_sampling=d.class_sampling,
+        storage_options=d.storage_options,
+        pin_memory=info.device.type == "cuda",
+        prefetch_factor=d.prefetch_factor,
+    )
+    manifest = loader.manifest
+    expected = (m.in_channels, m.input_size, m.input_size)
+    if tuple(manifest.sample_shape) != expected:
+        raise ConfigError(
+            f"model.in_channels / model.input_size: the data at {d.url} has samples of shape "
+            f"{tuple(manifest.sample_shape)}, the model expects {expected}"
+        )
+    if manifest.num_classes != m.num_classes:
+        raise ConfigError(
+            f"model.num_classes: the data at {d.url} has {manifest.num_classes} classes, the "
+            f"config says {m.num_classes}"
+        )
+    return loader
+
+
+def check_compatible(found: Found, cfg: Config, world_size: int) -> bool:
+    """Fail clearly if the checkpoint cannot be resumed with `cfg`. Returns whether its
+    layout differs from this run's (another world size or ZeRO stage: load resharding)."""
+    saved = found.meta["config"]
+    saved_arch = ModelConfig(**saved["model"]).architecture()
+    arch = cfg.model.architecture()
+    diff = [f"model.{k}: checkpoint {saved_arch[k]!r}, config {arch[k]!r}" for k in arch if saved_arch[k] != arch[k]]
+    if diff:
+        raise ConfigError(
+            f"checkpoint {found.url} does not fit this config; parameter shapes would change "
+            f"({'; '.join(diff)}). Start a new run (another checkpoint.dir) to train a new shape."
+        )
+    backend = saved["parallel"]["backend"]
+    if backend != cfg.parallel.backend:
+        raise ConfigError(
+            f"parallel.backend: checkpoint {found.url} was written by {backend!r}, the config "
+            f"uses {cfg.parallel.backend!r}; optimizer-state layouts differ between backends"
+        )
+    stage_changed = backend == "deepspeed" and saved["parallel"]["zero_stage"] != cfg.parallel.zero_stage
+    return found.meta["world_size"] != world_size or stage_changed
+
+
+def grid_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> uint8 with 3 channels (or 1: grey data, or latents without
+    a VAE to decode them, shown by their first channel)."""
+    x = images[:, :3] if images.shape[1] == 3 else images[:, :1]
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo, resume: str | None = None):
+        self.cfg = cfg.validate(info.world_size)
+        self.info = info
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, info, cfg.checkpoint.keep_last)
+        self.grad_accum = cfg.grad_accumulation(info.world_size)
+        arch = cfg.model.architecture()
+        self.tokens_per_image = (cfg.model.input_size // arch["patch_size"]) ** 2
+
+        # Resume target first: an incompatible checkpoint fails before anything is built.
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            removed = self.ckpt.remove_incomplete()
+            if removed:
+                print(f"removed incomplete checkpoints at steps {removed}", flush=True)
+        dist.barrier()
+        found = None
+        if resume == "auto":
+            found = self.ckpt.latest()
+        elif resume:
+            found = self.ckpt.find(resume)
+        reshard = check_compatible(found, cfg, info.world_size) if found else False
+
+        self.loader = build_loader(cfg, info)
+        # Identical initial weights on every rank (DDP, fully_shard and ZeRO-3 partition them
+        # from each rank's copy), then per-rank random streams for noise and label dropout.
+        torch.manual_seed(cfg.run.seed)
+        module = ARFlow(class_dropout_prob=cfg.model.class_dropout_prob, **arch)
+        self.backend: Backend = build_backend(module, cfg, info, reshard_resume=reshard)
+        self.ema = EMA(self.backend.master_params(), cfg.ema.decay)
+        seed_rank(cfg.run.seed, info.rank)
+        self.step = 0
+        self.skipped_total = 0
+        self.nonfinite_streak = 0
+        if found:
+            self._load(found, reshard)
+        self.logger = MetricsLogger(cfg, info.is_main, self.step, resumed=found is not None)
+        if found:
+            self.logger.message(f"resumed from {found.url} at step {self.step}")
+        self.eval_cfg = cfg.eval_config()
+        self._plain = None
+        self._vae = None
+
+    # ------------------------------------------------------------------------ checkpoints
+    def _rank_file(self, root: str, rank: int) -> str:
+        return os.path.join(root, "trainer", f"rank_{rank:05d}.pt")
+
+    def save(self) -> str:
+        t0 = time.perf_counter()
+
+        def write(local_dir: str) -> None:
+            os.makedirs(os.path.join(local_dir, "trainer"), exist_ok=True)
+            state = {
+                "rng": rng_state(),
+                "data": self.loader.state_dict(),
+                "skipped_total": self.skipped_total,
+                "nonfinite_streak": self.nonfinite_streak,
+            }
+            torch.save(state, self._rank_file(local_dir, self.info.rank))
+            self.backend.save(local_dir, self.ema.shadow)
+
+        meta = {
+            "world_size": self.info.world_size,
+            "config": self.cfg.to_dict(),
+            "arflow_checkpoint_version": 1,
+        }
+        url = self.ckpt.save(self.step, write, meta)
+        seconds = time.perf_counter() - t0
+        self.logger.log(self.step, {"checkpoint_seconds": seconds})
+        self.logger.message(f"step {self.step}: checkpoint {url} ({seconds:.2f} s)")
+        return url
+
+    def _load(self, found: Found, reshard: bool) -> None:
+        path, shared, cleanup = fetch(found)
+        try:
+            self.backend.load(path, self.ema.shadow, reshard=reshard, shared=shared)
+            self.step = found.step
+            if found.meta["world_size"] == self.info.world_size:
+                state = torch.load(self._rank_file(path, self.info.rank), map_location="cpu", weights_only=False)
+                set_rng_state(state["rng"])
+                self.loader.load_state_dict(state["data"])
+                self.skipped_total = state["skipped_total"]
+                self.nonfinite_streak = state["nonfinite_streak"]
+            else:
+                # Another world size: the data pipeline re-plans the rest of the epoch from any
+                # old rank's state (each sequence still seen once); the random streams cannot
+                # be split the same way, so they restart from seeds derived from the step.
+                state = torch.load(self._rank_file(path, 0), map_location="cpu", weights_only=False)
+                self.loader.load_state_dict(state["data"])
+                self.skipped_total = state["skipped_total"]
+                seed_rank(self.cfg.run.seed + found.step, self.info.rank)
+        finally:
+            cleanup()
+
+    # -------------------------------------------------------------------- EMA sampling
+    def full_model(self, tensors: dict[str, torch.Tensor]) -> ARFlow:
+        """A plain (unsharded) model holding `tensors` (laid out like the backend's master
+        weights), on every rank; collective. Reuses one module between calls."""
+        full = self.backend.gather_full(tensors)
+        if self._plain is None:
+            model = ARFlow(**self.cfg.model.architecture())
+            self._frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            self._plain = model.to(self.info.device).eval().requires_grad_(False)
+        result = self._plain.load_state_dict(full, strict=False)
+        if result.unexpected_keys or set(result.missing_keys) != self._frozen:
+            raise RuntimeError(f"weights do not match the model: {result}")
+        return self._plain
+
+    def ema_model(self) -> ARFlow:
+        return self.full_model(self.ema.shadow)
+
+    def evaluate(self) -> None:
+        """EMA sample grid (rank 0 samples) and, when configured, FID / IS (all ranks)."""
+        from arflow.flow.samplers import SamplerConfig, sample
+
+        model = self.ema_model()
+        s = self.cfg.samples
+        if self.info.is_main:
+            labels = torch.tensor([c for c in s.classes for _ in range(s.per_class)])
+            seeds = list(range(len(labels)))
+            images = sample(model, labels, seeds, SamplerConfig(method=s.method, steps=s.steps, cfg_scale=s.cfg_scale))
+            images = self._to_pixels(images)
+            grid_dir = self.run_dir / "samples"
+            grid_dir.mkdir(parents=True, exist_ok=True)
+            path = grid_dir / f"ema_step_{self.step:09d}.png"
+            save_grid(grid_pixels(images), path, cols=s.per_class)
+            self.logger.log_image(self.step, "ema_samples", path, f"EMA, step {self.step}, rows = classes {s.classes}")
+            self.logger.message(f"step {self.step}: EMA sample grid {path}")
+        if self.eval_cfg is not None and self.step % self.eval_cfg.every == 0:
+            from arflow.eval import evaluate
+
+            result = evaluate(model, self.eval_cfg, device=self.info.device, progress=self.info.is_main)
+            self.logger.log(self.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        dist.barrier()
+
+    def _to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Latent samples are decoded with the evaluation's VAE (`eval.vae`) when one is set;
+        without it the grid shows the first latent channels."""
+        vae_path = self.cfg.eval.get("vae")
+        if not vae_path or images.shape[1] == 3:
+            return images
+        from arflow.eval.generate import load_vae
+
+        if self._vae is None:
+            self._vae = load_vae(vae_path, self.info.device)
+        scale = self.cfg.eval.get("latent_scale", 0.18215)
+        with torch.no_grad():
+            return self._vae.decode(images.to(self.info.device) / scale).sample.float()
+
+    def export(self) -> None:
+        """Rank 0 writes the full fp32 weights, `model.safetensors` (master) and
+        `ema.safetensors`, into the run directory: what sampling, evaluation and conversion
+        tools load without knowing the backend."""
+        from safetensors.torch import save_file
+
+        for name, tensors in (("model", self.backend.master_params()), ("ema", self.ema.shadow)):
+            state = {k: v.detach().cpu().clone() for k, v in self.full_model(tensors).state_dict().items()}
+            if self.info.is_main:
+                save_file(state, str(self.run_dir / f"{name}.safetensors"))
+        if self.info.is_main:
+            self.logger.message(f"weights: {self.run_dir / 'model.safetensors'}, {self.run_dir / 'ema.safetensors'}")
+
+    # ------------------------------------------------------------------------------ loop
+    def _next_batches(self, it) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = []
+        for _ in range(self.grad_accum):
+            # Data loading runs outside the training random stream (torch's DataLoader draws
+            # its base seed from the global generator when its iterator starts, i.e. at another
+            # point of the stream after a resume); the data's own randomness is seeded
+            # explicitly, so noise and label dropout resume exactly.
+            with preserved_rng():
+                x, y = next(it)
+            batches.append((x.to(self.info.device, non_blocking=True), y.to(self.info.device, non_blocking=True)))
+        return batches
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def fit(self) -> str:
+        """Train to `train.steps` (or until preempted); returns "done" or "preempted"."""
+        cfg = self.cfg
+        flag = PreemptionFlag().install()
+        images_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        window = {"loss": [], "grad_norm": [], "time": []}
+        with preserved_rng():  # see _next_batches
+            it = iter(self.loader)
+        outcome = "done"
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                batches = self._next_batches(it)
+                lr = lr_at(self.step, cfg.train.steps, cfg.optim)
+                result = self.backend.train_step(batches, training_loss, lr)
+                self.step += 1
+                if result.skipped:
+                    self.skipped_total += 1
+                    self.nonfinite_streak += 1
+                    self.logger.message(
+                        f"step {self.step}: non-finite loss {result.loss} / grad norm {result.grad_norm}; "
+                        f"step skipped ({self.nonfinite_streak} in a row, {self.skipped_total} in total)"
+                    )
+                    if self.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{self.nonfinite_streak} consecutive non-finite steps (limit "
+                            f"train.max_nonfinite_steps = {cfg.train.max_nonfinite_steps}) at step "
+                            f"{self.step}; stopping without saving, the last good checkpoint in "
+                            f"{cfg.checkpoint_dir} is untouched"
+                        )
+                else:
+                    self.nonfinite_streak = 0
+                    self.ema.update()
+                    window["loss"].append(result.loss)
+                    window["grad_norm"].append(result.grad_norm)
+                if self.info.device.type == "cuda":
+                    torch.cuda.synchronize()
+                window["time"].append(time.perf_counter() - t0)
+                self.logger.progress(self.step, {"loss": f"{result.loss:.4f}", "img/s": f"{images_per_step / window['time'][-1]:.1f}"})
+                if self._due(cfg.logging.every) or self.step == cfg.train.steps:
+                    step_time = float(np.mean(window["time"]))
+                    self.logger.log(
+                        self.step,
+                        {
+                            "loss": float(np.mean(window["loss"])) if window["loss"] else float("nan"),
+                            "grad_norm": float(np.mean(window["grad_norm"])) if window["grad_norm"] else float("nan"),
+                            "lr": lr,
+                            "images_per_s": images_per_step / step_time,
+                            "tokens_per_s": images_per_step * self.tokens_per_image / step_time,
+                            "step_time_s": step_time,
+                            "peak_memory_gb": peak_memory_gb(self.info.device),
+                            "skipped_steps": self.skipped_total,
+                        },
+                    )
+                    window = {k: [] for k in window}
+                preempted = any_true(flag.poll(), self.info.device)
+                if preempted or self._due(cfg.checkpoint.every) or self.step == cfg.train.steps:
+                    with preserved_rng():
+                        self.save()
+                eval_every = self.eval_cfg.every if self.eval_cfg is not None else 0
+                if not preempted and (self._due(cfg.samples.every) or self._due(eval_every) or self.step == cfg.train.steps):
+                    with preserved_rng():
+                        self.evaluate()
+                if preempted:
+                    self.logger.message(f"step {self.step}: {flag.name or 'signal on another rank'} received; saved, exiting")
+                    outcome = "preempted"
+                    break
+            if outcome == "done":
+                self.export()
+        finally:
+            flag.restore()
+            self.logger.close()
+        return outcome
+
+
+def run(cfg: Config, resume: str | None = None) -> str:
+    """Join the process group, train, leave. `resume`: None, "auto" or a checkpoint URL."""
+    info = init_distributed(cfg.parallel.device)
+    try:
+        outcome = Trainer(cfg, info, resume).fit()
+    except BaseException:
+        # No barrier: the other ranks may be gone or stuck; just release the group.
+        dist.destroy_process_group()
+        raise
+    shutdown()
+    return outcome

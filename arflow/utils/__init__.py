@@ -1,0 +1,1 @@
+"""Small training utilities: LR schedule, RNG state, preemption signals, metrics, synthetic data."""

@@ -1,0 +1,113 @@
+"""Rank-0 observability: a tqdm bar, `metrics.jsonl` in the run directory, and wandb.
+
+`metrics.jsonl` always works (no service needed). wandb follows WANDB_MODE when it is set,
+runs offline when no API key is configured, and is off with `logging.wandb: false`.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import resource
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from arflow.config import Config
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss_kb / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def wandb_mode() -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+class MetricsLogger:
+    """Create on every rank; only rank 0 writes anything."""
+
+    def __init__(self, cfg: Config, is_main: bool, start_step: int, resumed: bool):
+        self.enabled = is_main
+        self.cfg = cfg
+        self.wandb = None
+        self.bar = None
+        if not is_main:
+            return
+        self.dir = Path(cfg.run.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.dir / "metrics.jsonl", "a")
+        if cfg.logging.progress:
+            self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc=cfg.run.name, dynamic_ncols=True)
+        if cfg.logging.wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_DIR", str(self.dir))
+            id_file = self.dir / "wandb_id"  # one wandb run across resumes
+            run_id = id_file.read_text().strip() if resumed and id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(
+                project=cfg.logging.project,
+                name=cfg.run.name,
+                tags=cfg.logging.tags,
+                config=cfg.to_dict(),
+                dir=str(self.dir),
+                id=run_id,
+                resume="allow",
+                mode=wandb_mode(),
+            )
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_image(self, step: int, key: str, path: Path, caption: str) -> None:
+        if self.enabled and self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+
+    def progress(self, step: int, postfix: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,189 @@
+"""Multi-process training under the real launchers (2 CPU processes, gloo).
+
+Exact resume: N steps in one run equal k steps, SIGTERM to the running job, `--resume auto`,
+N - k steps: identical per-step losses and bitwise-identical final fp32 weights and EMA.
+Resharding: a 2-process checkpoint resumes on 1 process with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from arflow.distributed.env import free_port
+from arflow.distributed.export import read_trainer_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = str(ROOT / "launchers" / "train.py")
+BIN = Path(sys.executable).parent
+STEPS = 24
+
+
+def tiny_config(tmp: Path, backend: str, zero_stage: int = 2, checkpointing: bool = False, **sections) -> Path:
+    cfg = {
+        "run": {"name": f"test-{backend}", "dir": str(tmp / "run"), "seed": 3},
+        "model": {"name": "ARFlow-S/4", "input_size": 8, "in_channels": 1, "num_classes": 4,
+                  "depth": 2, "hidden_size": 32, "num_heads": 2},
+        "data": {"url": "synthetic", "seq_len": 3},
+        "train": {"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2},
+        "optim": {"lr": 1e-3, "warmup_steps": 4, "schedule": "cosine"},
+        "ema": {"decay": 0.9},
+        "parallel": {"backend": backend, "zero_stage": zero_stage, "activation_checkpointing": checkpointing},
+        "checkpoint": {"every": 1000, "keep_last": 2},
+        "logging": {"every": 1, "wandb": False, "progress": False},
+        "samples": {"classes": [0, 1], "per_class": 2, "steps": 3},
+    }
+    for key, value in sections.items():
+        cfg[key].update(value)
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def command(launcher: str, nproc: int, config: Path, *args: str) -> list[str]:
+    port = str(free_port())
+    if launcher == "deepspeed":
+        head = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port]
+    elif launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", port]
+    else:
+        head = [sys.executable]
+    return [*head, LAUNCHER, "--config", str(config), *args]
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line being written while the job runs
+            continue
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def run_until_sigterm(cmd: list[str], run_dir: Path, after_step: int, timeout: float = 300) -> str:
+    """Start the job, wait until it logged `after_step`, SIGTERM every process of the job (as
+    SLURM does on preemption) and wait for it to exit. Returns its output."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= after_step):
+            assert proc.poll() is None, f"job ended before step {after_step}:\n{proc.stdout.read()[-6000:]}"
+            assert time.monotonic() < deadline, "job too slow"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return out
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    for name in ("model.safetensors", "ema.safetensors"):
+        x, y = load_file(a / name), load_file(b / name)
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), f"{name}: {k} differs"
+
+
+def latest_step(ckpt_dir: Path) -> int:
+    return max(int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*") if (p / "meta.json").exists())
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "digits", "--out", str(out),
+                    "--image-size", "8", "--no-progress"], check=True, capture_output=True, timeout=300)
+    return str(out)
+
+
+# ZeRO-2 reads the real digits shards through data-loader workers (whose state is part of the
+# exact resume, and which must survive the job-wide SIGTERM); ZeRO-3 and FSDP2 also recompute
+# blocks in backward (activation checkpointing), which must not change a single bit either.
+CASES = [
+    pytest.param("deepspeed", "deepspeed", 2, False, True, id="deepspeed-zero2"),
+    pytest.param("deepspeed", "deepspeed", 3, True, False, id="deepspeed-zero3"),
+    pytest.param("torchrun", "fsdp2", 2, True, False, id="fsdp2"),
+]
+
+
+@pytest.mark.parametrize("launcher,backend,stage,checkpointing,real_data", CASES)
+def test_exact_resume_after_sigterm(tmp_path, request, launcher, backend, stage, checkpointing, real_data):
+    data = {}
+    if real_data:
+        data = dict(model={"in_channels": 3, "num_classes": 10},
+                    data={"url": request.getfixturevalue("digits_shards"), "num_workers": 1})
+    ref_cfg = tiny_config(tmp_path / "ref", backend, stage, checkpointing, **data)
+    run(command(launcher, 2, ref_cfg))
+    ref_dir = tmp_path / "ref" / "run"
+    reference = losses(ref_dir)
+    assert sorted(reference) == list(range(1, STEPS + 1))
+
+    cfg = tiny_config(tmp_path / "cut", backend, stage, checkpointing, **data)
+    run_dir = tmp_path / "cut" / "run"
+    out = run_until_sigterm(command(launcher, 2, cfg), run_dir, after_step=5)
+    k = latest_step(run_dir / "checkpoints")
+    assert 5 <= k < STEPS, out[-3000:]
+    assert "SIGTERM received; saved, exiting" in out
+    assert not (run_dir / "model.safetensors").exists()  # it stopped early
+
+    proc = run(command(launcher, 2, cfg, "--resume", "auto"))
+    assert f"at step {k}" in proc.stdout + proc.stderr
+    assert losses(run_dir) == reference  # every step, bit for bit (JSON round-trips floats)
+    assert_same_weights(ref_dir, run_dir)
+    # The offline reader (tools/convert_ckpt.py) gives the same weights as the run's export.
+    for use_ema, name in ((True, "ema"), (False, "model")):
+        state, arch, _ = read_trainer_checkpoint(str(run_dir / "checkpoints"), use_ema=use_ema)
+        exported = load_file(run_dir / f"{name}.safetensors")
+        assert arch["depth"] == 2 and state.keys() == exported.keys()
+        assert all(torch.equal(state[k], exported[k]) for k in state), name
+
+    if backend == "fsdp2" or stage == 3:
+        # The 2-process checkpoint on one process (DCP resharding / DeepSpeed's universal
+        # checkpoint): with nothing left to train, the run exports the weights it loaded.
+        step_dir = run_dir / "checkpoints" / f"step_{k:09d}"
+        one_cfg = tiny_config(tmp_path / "one", backend, stage, train={"steps": k})
+        run(command("python", 1, one_cfg, "--resume", str(step_dir)))
+        loaded = load_file(tmp_path / "one" / "run" / "model.safetensors")
+        saved = consolidated_weights(step_dir, backend)
+        for name, value in saved.items():
+            assert torch.equal(loaded[name], value.float()), name
+
+
+def consolidated_weights(step_dir: Path, backend: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a checkpoint, read with the libraries' own offline tools."""
+    if backend == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="zero")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(step_dir, step_dir.parent / "full.pt")
+    return torch.load(step_dir.parent / "full.pt")["model"]
