@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from arflow.distributed.env import free_port
 from arflow.distributed.export import read_trainer_checkpoint
+from arflow.models import ARFlow, architecture_of, load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = str(ROOT / "launchers" / "train.py")
@@ -164,6 +165,9 @@ def test_exact_resume_after_sigterm(tmp_path, request, launcher, backend, stage,
         exported = load_file(run_dir / f"{name}.safetensors")
         assert arch["depth"] == 2 and state.keys() == exported.keys()
         assert all(torch.equal(state[k], exported[k]) for k in state), name
+    assert_converted_model_matches_ema(run_dir, tmp_path / "converted.safetensors")
+    if real_data:
+        assert_sample_cli_writes_grid(tmp_path / "converted.safetensors", tmp_path / "grid.png")
 
     if backend == "fsdp2" or stage == 3:
         # The 2-process checkpoint on one process (DCP resharding / DeepSpeed's universal
@@ -175,6 +179,32 @@ def test_exact_resume_after_sigterm(tmp_path, request, launcher, backend, stage,
         saved = consolidated_weights(step_dir, backend)
         for name, value in saved.items():
             assert torch.equal(loaded[name], value.float()), name
+
+
+def assert_converted_model_matches_ema(run_dir: Path, out: Path) -> None:
+    """tools/convert_ckpt.py on the run's checkpoints gives a file that load_pretrained turns into
+    a model with the outputs of the training run's own EMA export."""
+    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_ckpt.py"), str(run_dir / "checkpoints"),
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    converted = load_pretrained(out)
+    reference = ARFlow(**architecture_of(converted)).eval()
+    reference.load_state_dict(load_file(run_dir / "ema.safetensors"), strict=True)
+    gen = torch.Generator().manual_seed(0)
+    size, channels = converted.input_size, converted.in_channels
+    x = torch.randn(2, 3, channels, size, size, generator=gen)
+    t = torch.rand(2, 3, generator=gen).sort(dim=1).values
+    y = torch.tensor([0, 1])
+    assert torch.equal(converted(x, t, y), reference(x, t, y))
+
+
+def assert_sample_cli_writes_grid(ckpt: Path, out: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "launchers" / "sample.py"), "--ckpt", str(ckpt),
+                    "--classes", "0,1,2,3", "--steps", "5", "--cfg", "1.5", "--out", str(out),
+                    "--device", "cpu"], check=True, capture_output=True, timeout=300)
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.size == (2 * 8, 2 * 8)  # four 8x8 digits on a 2 x 2 grid
 
 
 def consolidated_weights(step_dir: Path, backend: str) -> dict[str, torch.Tensor]:
