@@ -1,0 +1,125 @@
+"""Command lines of the evaluation: launchers/evaluate.py, tools/fid.py, tools/fid_reference.py.
+
+All run as `python`, under `torchrun` or under `deepspeed`: the launchers export RANK /
+WORLD_SIZE / LOCAL_RANK, and the work is split over the ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from ..config import apply_overrides, config_from_dict, load_config
+from ..distributed.env import init_distributed, shutdown
+from .checkpoint import load_model
+from .config import EvalConfig
+from .evaluate import evaluate
+from .inception import InceptionFeatures
+from .metrics import frechet_distance
+from .reference import image_set_stats, stats_file_or_images
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inception-weights", help="torch-fidelity InceptionV3 weights file "
+                        "(default: torch-fidelity's cache, downloaded there when online)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--no-progress", action="store_true")
+    # deepspeed's launcher appends --local_rank; the rank comes from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+
+def evaluate_main(argv: list[str] | None = None) -> dict:
+    """launchers/evaluate.py: FID / IS of a checkpoint; rank 0 prints the result as JSON."""
+    parser = argparse.ArgumentParser(description=evaluate_main.__doc__)
+    parser.add_argument("--ckpt", required=True, help="model state dict (.safetensors/.pt)")
+    parser.add_argument("--config", help="run config JSON (its model and eval sections)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. eval.num_samples=10000 (repeatable)")
+    parser.add_argument("--save-npz", help="also write the samples as an ADM .npz (arr_0 NHWC)")
+    parser.add_argument("--out", help="also write the result JSON to this file (rank 0)")
+    _common(parser)
+    args = parser.parse_args(argv)
+    if args.config:
+        cfg = load_config(args.config, args.set)
+    else:
+        cfg = config_from_dict(apply_overrides({}, args.set))
+    eval_cfg = EvalConfig.from_dict(cfg.eval)
+    if args.inception_weights:
+        eval_cfg = dataclasses.replace(eval_cfg, inception_weights=args.inception_weights)
+    info = init_distributed(args.device if args.device != "auto" else cfg.parallel.device)
+    try:
+        model = load_model(args.ckpt, cfg.model, info.device)
+        result = evaluate(
+            model, eval_cfg, device=info.device, progress=not args.no_progress,
+            save_npz=args.save_npz,
+        )
+        if info.is_main:
+            text = json.dumps(result)
+            print(text)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write(text + "\n")
+        return result
+    finally:
+        shutdown()
+
+
+def fid_main(argv: list[str] | None = None) -> None:
+    """tools/fid.py: `stats SRC --out stats.npz` and `distance A B` (prints {"fid": ...})."""
+    parser = argparse.ArgumentParser(description="FID between image sets (InceptionV3, 2048-d).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    stats = sub.add_parser("stats", help="Inception statistics (mu, sigma) of an image set")
+    stats.add_argument("src", help="folder of PNG/JPEG, ADM sample .npz (arr_0), or shard set")
+    stats.add_argument("--out", required=True, help="statistics .npz (keys mu, sigma)")
+    distance = sub.add_parser("distance", help="FID between two statistics files or image sets")
+    distance.add_argument("a", help="statistics .npz (mu, sigma) or an image set as for stats")
+    distance.add_argument("b")
+    for p in (stats, distance):
+        p.add_argument("--batch-size", type=int, default=50)
+        p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
+        _common(p)
+    args = parser.parse_args(argv)
+    if args.command == "stats":
+        _stats_command(args, resolution=None)
+        return
+    info = init_distributed(args.device)
+    try:
+        kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers,
+                      progress=not args.no_progress)
+        a = stats_file_or_images(args.a, args.inception_weights, info.device, **kwargs)
+        b = stats_file_or_images(args.b, args.inception_weights, info.device, **kwargs)
+        if info.is_main:
+            print(json.dumps({"fid": frechet_distance(*a, *b)}))
+    finally:
+        shutdown()
+
+
+def fid_reference_main(argv: list[str] | None = None) -> None:
+    """tools/fid_reference.py: reference statistics of a dataset at the model's resolution."""
+    parser = argparse.ArgumentParser(description=fid_reference_main.__doc__)
+    parser.add_argument("src", help="shard set (directory with manifest.json or URL) or image folder")
+    parser.add_argument("--out", required=True, help="statistics .npz (keys mu, sigma)")
+    parser.add_argument("--resolution", type=int,
+                        help="resize + centre-crop every image to this size first, as ADM's "
+                             "reference batches do (needed for folders of mixed sizes)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
+    _common(parser)
+    args = parser.parse_args(argv)
+    _stats_command(args, resolution=args.resolution)
+
+
+def _stats_command(args: argparse.Namespace, resolution: int | None) -> None:
+    info = init_distributed(args.device)
+    try:
+        inception = InceptionFeatures(args.inception_weights, info.device)
+        stats = image_set_stats(
+            args.src, inception, batch_size=args.batch_size, resolution=resolution,
+            num_workers=args.num_workers, progress=not args.no_progress,
+        )
+        if info.is_main:
+            stats.save(args.out)
+            print(json.dumps({"out": args.out, "num_samples": int(stats.count.item())}))
+    finally:
+        shutdown()
