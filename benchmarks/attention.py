@@ -64,12 +64,14 @@ def timed(fn, device: str, repeats: int, warmup: int = 3) -> list[float]:
     return times
 
 
-def block_ratio(dim, heads, batch, images, tokens, device, dtype, repeats) -> dict:
+def block_ratio(dim, heads, batch, images, tokens, device, dtype, repeats, compile=False) -> dict:
     torch.manual_seed(0)
     hybrid = ARFlowBlock(dim, heads).to(device)
     baseline = ARFlowBlock(dim, heads)
     baseline.attn = IntraOnlyAttention(dim, heads)
     baseline = baseline.to(device)
+    if compile:  # both blocks through torch.compile, as a training run with compile would
+        hybrid, baseline = torch.compile(hybrid), torch.compile(baseline)
     x = torch.randn(batch, images, tokens, dim, device=device, requires_grad=True)
     c = torch.randn(batch, images, dim, device=device)
 
@@ -90,6 +92,7 @@ def block_ratio(dim, heads, batch, images, tokens, device, dtype, repeats) -> di
     return {
         "shape": {"batch": batch, "images": images, "tokens": tokens, "dim": dim, "heads": heads},
         "dtype": str(dtype).removeprefix("torch."),
+        "compiled": compile,
         "hybrid_ms": round(med_h * 1e3, 3),
         "intra_only_ms": round(med_b * 1e3, 3),
         "block_ratio": round(med_h / med_b, 3),
@@ -159,17 +162,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure the block ratio with both blocks under torch.compile")
     args = parser.parse_args()
     device = args.device
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device == "cuda":  # ARFlow-XL/2 shapes in bf16
+        shapes = (1152, 16, 8, 5, 256, device, torch.bfloat16, args.repeats)
+        sampling = ("ARFlow-XL/2", 32, 8, device, torch.bfloat16)
+    else:  # reduced width, fp32
+        shapes = (384, 6, 4, 5, 256, device, torch.float32, args.repeats)
+        sampling = ("ARFlow-S/2", 32, 2, device, torch.float32)
+    report["block"] = block_ratio(*shapes)
+    if args.compile:
+        report["block_compiled"] = block_ratio(*shapes, compile=True)
+    report["sampling"] = sampling_ratio(*sampling)
     if device == "cuda":
-        report["block"] = block_ratio(1152, 16, 8, 5, 256, device, torch.bfloat16, args.repeats)
-        report["sampling"] = sampling_ratio("ARFlow-XL/2", 32, 8, device, torch.bfloat16)
         report["throughput"] = tokens_per_second(device, args.repeats)
-    else:
-        report["block"] = block_ratio(384, 6, 4, 5, 256, device, torch.float32, args.repeats)
-        report["sampling"] = sampling_ratio("ARFlow-S/2", 32, 2, device, torch.float32)
     print(json.dumps(report, indent=2))
 
 

@@ -182,21 +182,23 @@ class HybridAttention(nn.Module):
 
     def project(self, h: torch.Tensor, c: torch.Tensor) -> Projections:
         """h: (B, S, N, D), c: (B, S, D) -> the per-head projections every form shares."""
-        B, S, N, D = h.shape
         H, d = self.num_heads, self.head_dim
         # Each projection runs through its own module (never by reading .weight here): sharding
         # engines such as ZeRO-3 gather a module's parameters only around its own forward.
-        qkv = torch.stack([self.q_proj(h), self.k_proj(h), self.v_proj(h)], dim=-2)  # (B, S, N, 3, D)
-        qkv = rms_norm(qkv.unflatten(-1, (H, d))).permute(3, 0, 1, 4, 2, 5)  # (3, B, S, H, N, d)
-        gate = self.g_proj(h)
+        q, k, v = (
+            rms_norm(proj(h).unflatten(-1, (H, d))).transpose(2, 3)  # (B, S, H, N, d) views
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         # (h + c) W_gt = h W_gt + c W_gt: the conditioning term is computed once per image.
         logits = self.gt_proj(h) + self.gt_proj(c)[:, :, None]
         gamma = F.logsigmoid(logits.float()).transpose(2, 3) / self.gate_logit_normalizer
-        return Projections(qkv[0], qkv[1], qkv[2], gamma, gate)
+        return Projections(q, k, v, gamma, self.g_proj(h))
 
     def output(self, mixed: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """mixed: O1 + O2 (B, S, H, N, d); gate: (B, S, N, D) -> (B, S, N, D)."""
-        normed = rms_norm(mixed).to(gate.dtype).transpose(2, 3).flatten(-2)
+        # Token-major before the norm: the attention kernels lay their output out that way,
+        # so the transpose is usually free and the heads flatten without a copy.
+        normed = rms_norm(mixed.transpose(2, 3)).to(gate.dtype).flatten(-2)
         return self.out_proj(F.silu(gate) * normed)
 
     def parallel(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
