@@ -187,6 +187,18 @@ def test_launcher_evaluates_a_state_dict(tmp_path, inception_weights, single_pro
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads((tmp_path / "result.json").read_text())
     assert printed["num_samples"] == 3 and printed["fid"] is None and printed["inception_score"] >= 1
+    # An exported file carries its architecture: the config's model section is not needed.
+    from arflow.models import architecture_of, save_pretrained
+
+    model = tiny_model()
+    save_pretrained(model.state_dict(), tmp_path / "exported.safetensors", architecture_of(model))
+    argv[1] = str(tmp_path / "exported.safetensors")
+    evaluate_main([*argv, "--set", "model.num_classes=11", "--set", "eval.seed=3"])
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    timings = ("seconds", "feature_seconds")
+    assert {k: v for k, v in again.items() if k not in timings} == {
+        k: v for k, v in printed.items() if k not in timings
+    }
 
 
 def test_latent_models_are_decoded_with_the_vae(tmp_path):

@@ -32,7 +32,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def evaluate_main(argv: list[str] | None = None) -> dict:
     """launchers/evaluate.py: FID / IS of a checkpoint; rank 0 prints the result as JSON."""
     parser = argparse.ArgumentParser(description=evaluate_main.__doc__)
-    parser.add_argument("--ckpt", required=True, help="model state dict (.safetensors/.pt)")
+    parser.add_argument("--ckpt", required=True,
+                        help="trainer checkpoint directory (EMA weights), exported .safetensors, or a plain state dict (.safetensors/.pt)")
     parser.add_argument("--config", help="run config JSON (its model and eval sections)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. eval.num_samples=10000 (repeatable)")
