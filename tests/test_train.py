@@ -155,3 +155,26 @@ def _poisoned_run(config_path: str) -> None:
 
 if __name__ == "__main__":
     _poisoned_run(sys.argv[1])
+
+
+def test_periodic_fid_inside_training(tmp_path):
+    """eval.every runs the distributed FID/IS on the EMA model across both ranks; the results
+    land in metrics.jsonl at every evaluation step."""
+    import numpy as np
+
+    from arflow.eval.inception import write_random_weights
+
+    weights = write_random_weights(tmp_path / "inception.pth")
+    np.savez(tmp_path / "reference.npz", mu=np.full(2048, 0.1), sigma=np.eye(2048) * 1e-4)
+    cfg_path = tiny_config(tmp_path, "ddp", train={"steps": 4}, logging={"every": 2, "wandb": False})
+    cfg = json.loads(cfg_path.read_text())
+    cfg["eval"] = {"every": 2, "num_samples": 4, "batch_size": 2, "is_splits": 1,
+                   "sampler": {"method": "euler", "steps": 2},
+                   "reference": str(tmp_path / "reference.npz"), "inception_weights": str(weights)}
+    cfg_path.write_text(json.dumps(cfg))
+    run(command("torchrun", 2, cfg_path), clean_env(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/fid" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["eval/fid"] > 0 and r["eval/inception_score"] >= 1 and r["eval/num_samples"] == 4
