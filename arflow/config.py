@@ -57,6 +57,8 @@ class ModelConfig:
             in_channels=self.in_channels,
             num_classes=self.num_classes,
             learn_sigma=self.learn_sigma,
+            # > 0 adds the null-class row to the label table, so it belongs here too.
+            class_dropout_prob=self.class_dropout_prob,
         )
 
 

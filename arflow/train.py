@@ -25,6 +25,7 @@ from arflow.distributed.backend import Backend, build_backend
 from arflow.distributed.checkpoint import CheckpointManager, Found, fetch
 from arflow.distributed.ema import EMA
 from arflow.distributed.env import DistInfo, any_true, init_distributed, shutdown
+from arflow.eval.generate import to_uint8
 from arflow.flow.transport import training_loss
 from arflow.models import ARFlow
 from arflow.utils.images import save_grid
@@ -87,6 +88,9 @@ def check_compatible(found: Found, cfg: Config, world_size: int) -> bool:
     saved = found.meta["config"]
     saved_arch = ModelConfig(**saved["model"]).architecture()
     arch = cfg.model.architecture()
+    # Only whether label dropout is on changes a shape (the null-class row), not its rate.
+    for a in (saved_arch, arch):
+        a["class_dropout_prob"] = a["class_dropout_prob"] > 0
     diff = [f"model.{k}: checkpoint {saved_arch[k]!r}, config {arch[k]!r}" for k in arch if saved_arch[k] != arch[k]]
     if diff:
         raise ConfigError(
@@ -107,7 +111,7 @@ def grid_pixels(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] -> uint8 with 3 channels (or 1: grey data, or latents without
     a VAE to decode them, shown by their first channel)."""
     x = images[:, :3] if images.shape[1] == 3 else images[:, :1]
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return to_uint8(x.float()).cpu()
 
 
 class Trainer:
@@ -138,7 +142,7 @@ class Trainer:
         # Identical initial weights on every rank (DDP, fully_shard and ZeRO-3 partition them
         # from each rank's copy), then per-rank random streams for noise and label dropout.
         torch.manual_seed(cfg.run.seed)
-        module = ARFlow(class_dropout_prob=cfg.model.class_dropout_prob, **arch)
+        module = ARFlow(**arch)
         self.backend: Backend = build_backend(module, cfg, info, reshard_resume=reshard)
         self.ema = EMA(self.backend.master_params(), cfg.ema.decay)
         seed_rank(cfg.run.seed, info.rank)

@@ -11,7 +11,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -26,4 +27,4 @@ class EMA:
     def update(self) -> None:
         """shadow <- decay * shadow + (1 - decay) * master, after each applied optimizer step."""
         for name, shadow in self.shadow.items():
-            _local(shadow).lerp_(_local(self.sources[name]).float(), 1.0 - self.decay)
+            local_shard(shadow).lerp_(local_shard(self.sources[name]).float(), 1.0 - self.decay)

@@ -23,7 +23,7 @@ def read_trainer_checkpoint(ckpt: str, use_ema: bool = True) -> tuple[dict[str, 
     Returns (state dict of the EMA or the raw weights, constructor arguments, training config)."""
     found = CheckpointManager(ckpt, info=None, keep_last=1).find(ckpt)
     config = found.meta["config"]
-    model = ARFlow(**{**ModelConfig(**config["model"]).architecture(), "class_dropout_prob": config["model"]["class_dropout_prob"]})
+    model = ARFlow(**ModelConfig(**config["model"]).architecture())
     state = model.state_dict()  # frozen tensors (the positional table) come from here
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     path, _, cleanup = fetch(found)

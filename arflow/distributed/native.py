@@ -31,10 +31,6 @@ from arflow.distributed.backend import (
 from arflow.distributed.env import DistInfo
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class NativeBackend(Backend):
     """Shared step and DCP checkpointing; subclasses wrap the module and pick the autocast."""
 

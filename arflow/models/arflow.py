@@ -159,7 +159,8 @@ class ARFlow(nn.Module):
             raise ValueError(f"y must have shape (B,) = {(B,)}, got {tuple(y.shape)}")
         if y.dtype.is_floating_point:
             raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-        if B and (int(y.min()) < 0 or int(y.max()) > self.null_class):
+        # One host sync per call; an out-of-range index on a GPU would be a device-side assert.
+        if B and bool(((y < 0) | (y > self.null_class)).any()):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes - 1}] (or {self.null_class}, the null "
                 f"class), got values in [{int(y.min())}, {int(y.max())}]"

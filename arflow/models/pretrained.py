@@ -95,7 +95,8 @@ def save_pretrained(
     written."""
     from safetensors.torch import save_file
 
-    ARFlow(**arch).to("meta").load_state_dict(state, strict=True, assign=True)
+    with torch.device("meta"):  # a shape check only: no memory, no initialisation
+        ARFlow(**arch).load_state_dict(state, strict=True, assign=True)
     metadata = {ARCH_KEY: json.dumps(arch)}
     name = zoo_name(arch)
     if name:
