@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: venv test bench clean demo
+.PHONY: venv test bench clean demo format
 
 venv: $(STAMP)
 
@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# Lint and format check first (ruff, configured in pyproject.toml), then the suite.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 # The main job on the embedded default: scikit-learn's digits as shards, trained by 2 CPU
@@ -32,6 +35,11 @@ demo: $(STAMP) $(DEMO_DATA)/manifest.json
 
 $(DEMO_DATA)/manifest.json: $(STAMP)
 	$(PY) tools/make_shards.py digits --out $(DEMO_DATA) --image-size 8 --no-progress
+
+# Apply the formatter and the safe lint fixes.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py

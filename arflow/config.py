@@ -178,7 +178,7 @@ class Config:
         return dataclasses.asdict(self)
 
     # --------------------------------------------------------------------------- validation
-    def validate(self, world_size: int = 1) -> "Config":
+    def validate(self, world_size: int = 1) -> Config:
         """Check combinations; raises ConfigError naming the key. Returns self."""
         t, m = self.train, self.model
         _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
@@ -207,7 +207,14 @@ class Config:
             "model.num_heads",
             f"hidden size {arch['hidden_size']} is not divisible by {arch['num_heads']} heads",
         )
-        for key in ("depth", "hidden_size", "num_heads", "input_size", "in_channels", "num_classes"):
+        for key in (
+            "depth",
+            "hidden_size",
+            "num_heads",
+            "input_size",
+            "in_channels",
+            "num_classes",
+        ):
             value = getattr(m, key)
             _check(value is None or value >= 1, f"model.{key}", f"must be >= 1, got {value}")
         _check(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", "must lie in [0, 1)")
@@ -225,7 +232,11 @@ class Config:
         _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
         _check(0 <= self.ema.decay < 1, "ema.decay", f"must lie in [0, 1), got {self.ema.decay}")
         p = self.parallel
-        _check(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {p.zero_stage}")
+        _check(
+            p.zero_stage in (1, 2, 3),
+            "parallel.zero_stage",
+            f"must be 1, 2 or 3, got {p.zero_stage}",
+        )
         c = self.checkpoint
         _check(c.every >= 0, "checkpoint.every", "must be >= 0")
         _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -268,7 +279,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}"
+        )
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -340,7 +353,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for i, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{'.'.join(parents[: i + 1])}: is not an object, cannot set {key}")
+                raise ConfigError(
+                    f"{'.'.join(parents[: i + 1])}: is not an object, cannot set {key}"
+                )
         node[leaf] = _parse_value(text)
     return data
 

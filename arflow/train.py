@@ -91,7 +91,11 @@ def check_compatible(found: Found, cfg: Config, world_size: int) -> bool:
     # Only whether label dropout is on changes a shape (the null-class row), not its rate.
     for a in (saved_arch, arch):
         a["class_dropout_prob"] = a["class_dropout_prob"] > 0
-    diff = [f"model.{k}: checkpoint {saved_arch[k]!r}, config {arch[k]!r}" for k in arch if saved_arch[k] != arch[k]]
+    diff = [
+        f"model.{k}: checkpoint {saved_arch[k]!r}, config {arch[k]!r}"
+        for k in arch
+        if saved_arch[k] != arch[k]
+    ]
     if diff:
         raise ConfigError(
             f"checkpoint {found.url} does not fit this config; parameter shapes would change "
@@ -103,7 +107,9 @@ def check_compatible(found: Found, cfg: Config, world_size: int) -> bool:
             f"parallel.backend: checkpoint {found.url} was written by {backend!r}, the config "
             f"uses {cfg.parallel.backend!r}; optimizer-state layouts differ between backends"
         )
-    stage_changed = backend == "deepspeed" and saved["parallel"]["zero_stage"] != cfg.parallel.zero_stage
+    stage_changed = (
+        backend == "deepspeed" and saved["parallel"]["zero_stage"] != cfg.parallel.zero_stage
+    )
     return found.meta["world_size"] != world_size or stage_changed
 
 
@@ -193,7 +199,9 @@ class Trainer:
             self.backend.load(path, self.ema.shadow, reshard=reshard, shared=shared)
             self.step = found.step
             if found.meta["world_size"] == self.info.world_size:
-                state = torch.load(self._rank_file(path, self.info.rank), map_location="cpu", weights_only=False)
+                state = torch.load(
+                    self._rank_file(path, self.info.rank), map_location="cpu", weights_only=False
+                )
                 set_rng_state(state["rng"])
                 self.loader.load_state_dict(state["data"])
                 self.skipped_total = state["skipped_total"]
@@ -235,19 +243,31 @@ class Trainer:
         if self.info.is_main:
             labels = torch.tensor([c for c in s.classes for _ in range(s.per_class)])
             seeds = list(range(len(labels)))
-            images = sample(model, labels, seeds, SamplerConfig(method=s.method, steps=s.steps, cfg_scale=s.cfg_scale))
+            images = sample(
+                model,
+                labels,
+                seeds,
+                SamplerConfig(method=s.method, steps=s.steps, cfg_scale=s.cfg_scale),
+            )
             images = self._to_pixels(images)
             grid_dir = self.run_dir / "samples"
             grid_dir.mkdir(parents=True, exist_ok=True)
             path = grid_dir / f"ema_step_{self.step:09d}.png"
             save_grid(grid_pixels(images), path, cols=s.per_class)
-            self.logger.log_image(self.step, "ema_samples", path, f"EMA, step {self.step}, rows = classes {s.classes}")
+            self.logger.log_image(
+                self.step, "ema_samples", path, f"EMA, step {self.step}, rows = classes {s.classes}"
+            )
             self.logger.message(f"step {self.step}: EMA sample grid {path}")
         if self.eval_cfg is not None and self.step % self.eval_cfg.every == 0:
             from arflow.eval import evaluate
 
-            result = evaluate(model, self.eval_cfg, device=self.info.device, progress=self.info.is_main)
-            self.logger.log(self.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+            result = evaluate(
+                model, self.eval_cfg, device=self.info.device, progress=self.info.is_main
+            )
+            self.logger.log(
+                self.step,
+                {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
+            )
         dist.barrier()
 
     def _to_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -271,11 +291,16 @@ class Trainer:
         from safetensors.torch import save_file
 
         for name, tensors in (("model", self.backend.master_params()), ("ema", self.ema.shadow)):
-            state = {k: v.detach().cpu().clone() for k, v in self.full_model(tensors).state_dict().items()}
+            state = {
+                k: v.detach().cpu().clone()
+                for k, v in self.full_model(tensors).state_dict().items()
+            }
             if self.info.is_main:
                 save_file(state, str(self.run_dir / f"{name}.safetensors"))
         if self.info.is_main:
-            self.logger.message(f"weights: {self.run_dir / 'model.safetensors'}, {self.run_dir / 'ema.safetensors'}")
+            self.logger.message(
+                f"weights: {self.run_dir / 'model.safetensors'}, {self.run_dir / 'ema.safetensors'}"
+            )
 
     # ------------------------------------------------------------------------------ loop
     def _next_batches(self, it) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -287,7 +312,12 @@ class Trainer:
             # explicitly, so noise and label dropout resume exactly.
             with preserved_rng():
                 x, y = next(it)
-            batches.append((x.to(self.info.device, non_blocking=True), y.to(self.info.device, non_blocking=True)))
+            batches.append(
+                (
+                    x.to(self.info.device, non_blocking=True),
+                    y.to(self.info.device, non_blocking=True),
+                )
+            )
         return batches
 
     def _due(self, every: int) -> bool:
@@ -331,14 +361,24 @@ class Trainer:
                 if self.info.device.type == "cuda":
                     torch.cuda.synchronize()
                 window["time"].append(time.perf_counter() - t0)
-                self.logger.progress(self.step, {"loss": f"{result.loss:.4f}", "img/s": f"{images_per_step / window['time'][-1]:.1f}"})
+                self.logger.progress(
+                    self.step,
+                    {
+                        "loss": f"{result.loss:.4f}",
+                        "img/s": f"{images_per_step / window['time'][-1]:.1f}",
+                    },
+                )
                 if self._due(cfg.logging.every) or self.step == cfg.train.steps:
                     step_time = float(np.mean(window["time"]))
                     self.logger.log(
                         self.step,
                         {
-                            "loss": float(np.mean(window["loss"])) if window["loss"] else float("nan"),
-                            "grad_norm": float(np.mean(window["grad_norm"])) if window["grad_norm"] else float("nan"),
+                            "loss": float(np.mean(window["loss"]))
+                            if window["loss"]
+                            else float("nan"),
+                            "grad_norm": float(np.mean(window["grad_norm"]))
+                            if window["grad_norm"]
+                            else float("nan"),
                             "lr": lr,
                             "images_per_s": images_per_step / step_time,
                             "tokens_per_s": images_per_step * self.tokens_per_image / step_time,
@@ -353,11 +393,17 @@ class Trainer:
                     with preserved_rng():
                         self.save()
                 eval_every = self.eval_cfg.every if self.eval_cfg is not None else 0
-                if not preempted and (self._due(cfg.samples.every) or self._due(eval_every) or self.step == cfg.train.steps):
+                if not preempted and (
+                    self._due(cfg.samples.every)
+                    or self._due(eval_every)
+                    or self.step == cfg.train.steps
+                ):
                     with preserved_rng():
                         self.evaluate()
                 if preempted:
-                    self.logger.message(f"step {self.step}: {flag.name or 'signal on another rank'} received; saved, exiting")
+                    self.logger.message(
+                        f"step {self.step}: {flag.name or 'signal on another rank'} received; saved, exiting"
+                    )
                     outcome = "preempted"
                     break
             if outcome == "done":

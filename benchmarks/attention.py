@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arflow.models import ARFlowBlock, create_model
-from arflow.models import hybrid_attention
+from arflow.models import ARFlowBlock, create_model, hybrid_attention
 
 
 class IntraOnlyAttention(nn.Module):
@@ -110,7 +109,7 @@ def sampling_ratio(name, input_size, batch, device, dtype, steps=250, window=5) 
             t = torch.full((batch,), i / steps, device=device)
             holder = {}
 
-            def call():
+            def call(t=t, state=state, holder=holder):
                 holder["v"], holder["state"] = model.step(x, t, y, state)
 
             # Step 1 gets warm-up calls whose states are not committed.
@@ -159,15 +158,23 @@ def tokens_per_second(device, repeats, batch=8) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure the block ratio with both blocks under torch.compile")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure the block ratio with both blocks under torch.compile",
+    )
     args = parser.parse_args()
     device = args.device
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     if device == "cuda":  # ARFlow-XL/2 shapes in bf16
         shapes = (1152, 16, 8, 5, 256, device, torch.bfloat16, args.repeats)
         sampling = ("ARFlow-XL/2", 32, 8, device, torch.bfloat16)

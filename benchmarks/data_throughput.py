@@ -41,7 +41,9 @@ from arflow.data.sources import DigitsSource
 from arflow.data.storage import RetryingReader, join_url, write_atomic
 
 
-def write_synthetic_latents(out: str, classes: int, per_class: int, per_shard: int, options=None) -> None:
+def write_synthetic_latents(
+    out: str, classes: int, per_class: int, per_shard: int, options=None
+) -> None:
     """Random SD-VAE-shaped moments (2, 8, 32, 32) float32 in class-bucketed shards."""
     rng = np.random.default_rng(0)
     shards = []
@@ -51,12 +53,28 @@ def write_synthetic_latents(out: str, classes: int, per_class: int, per_shard: i
             moments = rng.standard_normal((count, 2, 8, 32, 32), dtype=np.float32)
             moments[:, :, 4:] = -6.0  # logvar
             path = f"shards/c{c:05d}_{j:04d}.tar"
-            size, sha = write_shard(join_url(out, path), c, list(moments),
-                                    [sample_key(c, first + i) for i in range(count)], options)
+            size, sha = write_shard(
+                join_url(out, path),
+                c,
+                list(moments),
+                [sample_key(c, first + i) for i in range(count)],
+                options,
+            )
             shards.append(ShardInfo(join_url(out, path), path, c, count, size, sha))
-    manifest = Manifest(join_url(out, MANIFEST_NAME), VERSION, [f"class{c}" for c in range(classes)],
-                        [per_class] * classes, (4, 32, 32), "vae", "float32", (2, 8, 32, 32), 0.18215, shards,
-                        image_size=256, source="synthetic")
+    manifest = Manifest(
+        join_url(out, MANIFEST_NAME),
+        VERSION,
+        [f"class{c}" for c in range(classes)],
+        [per_class] * classes,
+        (4, 32, 32),
+        "vae",
+        "float32",
+        (2, 8, 32, 32),
+        0.18215,
+        shards,
+        image_size=256,
+        source="synthetic",
+    )
     write_atomic(manifest.url, json.dumps(manifest.to_dict()).encode(), options)
 
 
@@ -70,7 +88,7 @@ def _iterate_members(job) -> tuple[int, int, float]:
     while time.perf_counter() - started < seconds:
         for url in urls:
             reader = RetryingReader(url, options)
-            for member in tar_file_iterator(reader):
+            for _member in tar_file_iterator(reader):
                 members += 1
             nbytes += reader.position
             reader.close()
@@ -90,9 +108,18 @@ def raw_rate(url: str, options, processes: int, seconds: float) -> dict:
     return {"samples_per_s": samples, "MB_per_s": sum(b / t for _, b, t in results) / 1e6}
 
 
-def pipeline_rate(url: str, options, workers: int, seq_len: int, batch_size: int, batches: int) -> dict:
-    loader = SequenceLoader(url, seq_len=seq_len, batch_size=batch_size, num_workers=workers, storage_options=options,
-                            class_sampling="proportional", return_meta=True)
+def pipeline_rate(
+    url: str, options, workers: int, seq_len: int, batch_size: int, batches: int
+) -> dict:
+    loader = SequenceLoader(
+        url,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        num_workers=workers,
+        storage_options=options,
+        class_sampling="proportional",
+        return_meta=True,
+    )
     manifest = loader.manifest
     offsets = np.cumsum([s.count for s in manifest.shards])
     shard_class = np.array([s.class_id for s in manifest.shards])
@@ -112,8 +139,13 @@ def pipeline_rate(url: str, options, workers: int, seq_len: int, batch_size: int
     seconds = time.perf_counter() - started
     del it
     images = sequences * seq_len / seconds
-    return {"sequences_per_s": sequences / seconds, "images_per_s": images,
-            "MB_per_s": images * bytes_per_image / 1e6, "invalid_sequences": invalid, "sequences_checked": sequences}
+    return {
+        "sequences_per_s": sequences / seconds,
+        "images_per_s": images,
+        "MB_per_s": images * bytes_per_image / 1e6,
+        "invalid_sequences": invalid,
+        "sequences_checked": sequences,
+    }
 
 
 @contextlib.contextmanager
@@ -124,8 +156,11 @@ def moto_endpoint():
         port = sock.getsockname()[1]
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "benchmark")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "benchmark")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -148,10 +183,16 @@ def measure(name: str, url: str, options, workers: list[int], args) -> list[dict
     out = []
     for k in workers:
         raws = [raw_rate(url, options, max(k, 1), args.raw_seconds) for _ in range(args.repeats)]
-        pipes = [pipeline_rate(url, options, k, args.seq_len, args.batch_size, args.batches) for _ in range(args.repeats)]
-        case = {"case": name, "workers": k,
-                "raw": max(raws, key=lambda r: r["samples_per_s"]),
-                "pipeline": max(pipes, key=lambda r: r["images_per_s"])}
+        pipes = [
+            pipeline_rate(url, options, k, args.seq_len, args.batch_size, args.batches)
+            for _ in range(args.repeats)
+        ]
+        case = {
+            "case": name,
+            "workers": k,
+            "raw": max(raws, key=lambda r: r["samples_per_s"]),
+            "pipeline": max(pipes, key=lambda r: r["images_per_s"]),
+        }
         case["pipeline"]["invalid_sequences"] = sum(p["invalid_sequences"] for p in pipes)
         case["pipeline"]["sequences_checked"] = sum(p["sequences_checked"] for p in pipes)
         case["ratio"] = case["pipeline"]["images_per_s"] / case["raw"]["samples_per_s"]
@@ -162,35 +203,68 @@ def measure(name: str, url: str, options, workers: list[int], args) -> list[dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", help="an existing shard set (local path or URL); default: generate the matrix")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shards", help="an existing shard set (local path or URL); default: generate the matrix"
+    )
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint for an s3:// --shards")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to measure")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to measure"
+    )
     parser.add_argument("--seq-len", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=60, help="batches timed per case (after one warm-up)")
-    parser.add_argument("--raw-seconds", type=float, default=2.0, help="duration of each raw member-rate run")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per rate; the best is reported")
+    parser.add_argument(
+        "--batches", type=int, default=60, help="batches timed per case (after one warm-up)"
+    )
+    parser.add_argument(
+        "--raw-seconds", type=float, default=2.0, help="duration of each raw member-rate run"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per rate; the best is reported"
+    )
     args = parser.parse_args()
 
     results = []
     if args.shards:
-        options = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+        options = (
+            {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+        )
         results += measure(args.shards, args.shards, options, args.workers, args)
     else:
         with tempfile.TemporaryDirectory() as tmp, moto_endpoint() as endpoint:
             options = {"client_kwargs": {"endpoint_url": endpoint}}
             for payload in ("digits32", "latents256"):
-                for storage, root, opts in (("local", os.path.join(tmp, payload), None),
-                                            ("s3", f"s3://bench/{payload}", options)):
+                for storage, root, opts in (
+                    ("local", os.path.join(tmp, payload), None),
+                    ("s3", f"s3://bench/{payload}", options),
+                ):
                     if payload == "digits32":
-                        build_shards(DigitsSource(32), PixelEncoder(32), root, shard_size=2**20,
-                                     storage_options=opts, progress=False)
+                        build_shards(
+                            DigitsSource(32),
+                            PixelEncoder(32),
+                            root,
+                            shard_size=2**20,
+                            storage_options=opts,
+                            progress=False,
+                        )
                     else:
-                        write_synthetic_latents(root, classes=4, per_class=400, per_shard=200, options=opts)
+                        write_synthetic_latents(
+                            root, classes=4, per_class=400, per_shard=200, options=opts
+                        )
                     results += measure(f"{payload}/{storage}", root, opts, args.workers, args)
-    print(json.dumps({"cpu_count": os.cpu_count(), "seq_len": args.seq_len, "batch_size": args.batch_size,
-                      "results": results}, indent=1))
+    print(
+        json.dumps(
+            {
+                "cpu_count": os.cpu_count(),
+                "seq_len": args.seq_len,
+                "batch_size": args.batch_size,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

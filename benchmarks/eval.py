@@ -21,12 +21,12 @@ the real one, the scores are meaningless. Inception weights are random too unles
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
 import sys
 import tempfile
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -45,8 +45,15 @@ PRESETS = {
 def build_model(preset: str, device: str) -> ARFlow:
     torch.manual_seed(0)
     if preset == "digits":
-        model = ARFlow(input_size=8, patch_size=2, in_channels=3, hidden_size=96, depth=4,
-                       num_heads=4, num_classes=10)
+        model = ARFlow(
+            input_size=8,
+            patch_size=2,
+            in_channels=3,
+            hidden_size=96,
+            depth=4,
+            num_heads=4,
+            num_classes=10,
+        )
     else:
         model = create_model("ARFlow-XL/2", input_size=32, in_channels=4, num_classes=1000)
         if device == "cuda":
@@ -59,9 +66,14 @@ def write_sd_shaped_vae(folder: Path) -> str:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=256,
         block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
     )
     vae.save_pretrained(folder)
     return str(folder)
@@ -76,9 +88,14 @@ def child(args) -> dict:
         sampler = preset["sampler"]
         if args.steps:
             sampler = dataclasses.replace(sampler, steps=args.steps)
-        cfg = EvalConfig(num_samples=args.num_samples[0], batch_size=args.batch_size or preset["batch_size"],
-                         sampler=sampler, inception_weights=weights, vae=vae,
-                         is_splits=min(10, args.num_samples[0]))
+        cfg = EvalConfig(
+            num_samples=args.num_samples[0],
+            batch_size=args.batch_size or preset["batch_size"],
+            sampler=sampler,
+            inception_weights=weights,
+            vae=vae,
+            is_splits=min(10, args.num_samples[0]),
+        )
         model = build_model(args.preset, args.device)
         result = evaluate(model, cfg, device=args.device, progress=False)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -93,7 +110,9 @@ def child(args) -> dict:
         "samples_per_s_per_rank": round(result["num_samples"] / result["seconds"], 3),
         "feature_share": round(result["feature_seconds"] / result["seconds"], 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if args.device == "cuda" else None,
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if args.device == "cuda"
+        else None,
     }
 
 
@@ -104,7 +123,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="per rank (default: the preset's)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the preset's, 250)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--inception-weights", help="real weights file (default: random, same cost)")
+    parser.add_argument(
+        "--inception-weights", help="real weights file (default: random, same cost)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -112,8 +133,17 @@ def main() -> None:
         return
     runs = []
     for n in args.num_samples:
-        argv = [sys.executable, __file__, "--child", "--preset", args.preset, "--num-samples", str(n),
-                "--device", args.device]
+        argv = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--preset",
+            args.preset,
+            "--num-samples",
+            str(n),
+            "--device",
+            args.device,
+        ]
         for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
             if value:
                 argv += [flag, str(value)]

@@ -24,7 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first.
-BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
+BF16_PEAK = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+]
 
 CASES = {
     "digits-1proc": dict(config="configs/digits_cpu.json", nproc=1, gpu=False, set=[]),
@@ -33,9 +39,18 @@ CASES = {
 for model, tag in (("ARFlow-B/2", "b2"), ("ARFlow-XL/2", "xl2")):
     for backend, extra in (("deepspeed", ["parallel.zero_stage=2"]), ("fsdp2", [])):
         CASES[f"{tag}-256-{backend}{'-zero2' if backend == 'deepspeed' else ''}"] = dict(
-            config="configs/xl_256.json", nproc=1, gpu=True,
-            set=[f"model.name={model}", f"parallel.backend={backend}", "parallel.precision=bf16",
-                 "parallel.device=cuda", "train.micro_batch_size=32", "train.global_batch_size=32", *extra],
+            config="configs/xl_256.json",
+            nproc=1,
+            gpu=True,
+            set=[
+                f"model.name={model}",
+                f"parallel.backend={backend}",
+                "parallel.precision=bf16",
+                "parallel.device=cuda",
+                "train.micro_batch_size=32",
+                "train.global_batch_size=32",
+                *extra,
+            ],
         )
 
 
@@ -61,16 +76,35 @@ def worker(args) -> None:
     flops = None
     if info.is_main:  # FLOPs of one micro-batch, forward + backward, on the plain model
         probe = ARFlow(**m.architecture()).to(info.device)
-        x = torch.randn(cfg.train.micro_batch_size, cfg.data.seq_len, m.in_channels, m.input_size, m.input_size, device=info.device)
+        x = torch.randn(
+            cfg.train.micro_batch_size,
+            cfg.data.seq_len,
+            m.in_channels,
+            m.input_size,
+            m.input_size,
+            device=info.device,
+        )
         y = torch.zeros(cfg.train.micro_batch_size, dtype=torch.long, device=info.device)
         counter = FlopCounterMode(display=False)
-        with counter, torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+        with (
+            counter,
+            torch.autocast(
+                info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"
+            ),
+        ):
             training_loss(probe, x, y).backward()
         flops = counter.get_total_flops()
         del probe
     backend = build_backend(model, cfg, info)
-    loader = iter(SyntheticLoader(sample_shape=(m.in_channels, m.input_size, m.input_size), num_classes=m.num_classes,
-                                  seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size, rank=info.rank))
+    loader = iter(
+        SyntheticLoader(
+            sample_shape=(m.in_channels, m.input_size, m.input_size),
+            num_classes=m.num_classes,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.train.micro_batch_size,
+            rank=info.rank,
+        )
+    )
     accum = cfg.grad_accumulation(info.world_size)
 
     def step():
@@ -94,8 +128,11 @@ def worker(args) -> None:
     if info.is_main:
         images = cfg.train.global_batch_size * cfg.data.seq_len
         result = {
-            "model": m.name if m.depth is None else f"{m.name} (depth {m.depth}, width {m.hidden_size})",
-            "backend": cfg.parallel.backend + (f" ZeRO-{cfg.parallel.zero_stage}" if cfg.parallel.backend == "deepspeed" else ""),
+            "model": m.name
+            if m.depth is None
+            else f"{m.name} (depth {m.depth}, width {m.hidden_size})",
+            "backend": cfg.parallel.backend
+            + (f" ZeRO-{cfg.parallel.zero_stage}" if cfg.parallel.backend == "deepspeed" else ""),
             "processes": info.world_size,
             "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
             "global_batch_sequences": cfg.train.global_batch_size,
@@ -115,15 +152,29 @@ def worker(args) -> None:
 def launch(name: str, case: dict, steps: int, warmup: int) -> dict:
     from arflow.distributed.env import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(case["nproc"]),
-           "--master_port", str(free_port()), __file__, "--worker", "--config", case["config"],
-           "--steps", str(steps), "--warmup", str(warmup)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(case["nproc"]),
+        "--master_port",
+        str(free_port()),
+        __file__,
+        "--worker",
+        "--config",
+        case["config"],
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ]
     for item in case["set"]:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     return {"error": (proc.stderr or proc.stdout)[-2000:]}
 
 

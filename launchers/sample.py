@@ -27,18 +27,29 @@ from arflow.utils.images import save_grid  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, help="exported .safetensors (tools/convert_ckpt.py)")
     p.add_argument("--classes", required=True, help="comma-separated class ids, one image each")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--cfg-channels", default="3",
-                   help="guide only the first K channels as the reference does, or 'all' (default 3)")
+    p.add_argument(
+        "--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
+    )
+    p.add_argument(
+        "--cfg-channels",
+        default="3",
+        help="guide only the first K channels as the reference does, or 'all' (default 3)",
+    )
     p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
-    p.add_argument("--sampler", choices=METHODS, default="sde", help="default: sde (SiT's Euler-Maruyama)")
+    p.add_argument(
+        "--sampler", choices=METHODS, default="sde", help="default: sde (SiT's Euler-Maruyama)"
+    )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent models)")
-    p.add_argument("--latent-scale", type=float, default=0.18215, help="latents were scaled by this (SD-VAE)")
+    p.add_argument(
+        "--latent-scale", type=float, default=0.18215, help="latents were scaled by this (SD-VAE)"
+    )
     p.add_argument("--cols", type=int, help="images per grid row (default: near-square)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -49,7 +60,9 @@ def main(argv=None) -> int:
     try:
         classes = [int(c) for c in args.classes.split(",") if c.strip()]
     except ValueError:
-        raise SystemExit(f"--classes must be comma-separated integers, got {args.classes!r}")
+        raise SystemExit(
+            f"--classes must be comma-separated integers, got {args.classes!r}"
+        ) from None
     model = load_pretrained(args.ckpt, device=args.device)
     bad = [c for c in classes if not 0 <= c < model.num_classes]
     if bad:
@@ -60,7 +73,9 @@ def main(argv=None) -> int:
             f"AutoencoderKL folder they came from"
         )
     channels = None if args.cfg_channels == "all" else int(args.cfg_channels)
-    config = SamplerConfig(method=args.sampler, steps=args.steps, cfg_scale=args.cfg, cfg_channels=channels)
+    config = SamplerConfig(
+        method=args.sampler, steps=args.steps, cfg_scale=args.cfg, cfg_channels=channels
+    )
     labels = torch.tensor(classes, device=args.device)
     seeds = [args.seed + i for i in range(len(classes))]
     x = sample(model, labels, seeds, config, progress=True)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train ARFlow. Parses arguments and calls arflow.train.run; every launcher works:
 
-    deepspeed [--num_gpus N] [--num_nodes M --hostfile H] launchers/train.py --config configs/xl_256.json
-    torchrun --nproc_per_node N launchers/train.py --config configs/xl_256.json
-    python launchers/train.py --config configs/digits_cpu.json --set train.steps=100
+deepspeed [--num_gpus N] [--num_nodes M --hostfile H] launchers/train.py --config configs/xl_256.json
+torchrun --nproc_per_node N launchers/train.py --config configs/xl_256.json
+python launchers/train.py --config configs/digits_cpu.json --set train.steps=100
 """
 
 import argparse
@@ -17,10 +17,19 @@ from arflow.train import run
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train ARFlow from a JSON config.")
     parser.add_argument("--config", required=True, help="JSON config file (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config value, e.g. train.steps=1000 (repeatable; JSON values)")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="'auto': newest complete checkpoint in checkpoint.dir, if any; or a checkpoint path/URL")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value, e.g. train.steps=1000 (repeatable; JSON values)",
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="'auto': newest complete checkpoint in checkpoint.dir, if any; or a checkpoint path/URL",
+    )
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment carries the same.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -42,7 +42,9 @@ def moto_server(env: dict | None = None, timeout: float = 60.0):
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -54,7 +56,9 @@ def moto_server(env: dict | None = None, timeout: float = 60.0):
                 except OSError:
                     if proc.poll() is not None or time.monotonic() > deadline:
                         log.seek(0)
-                        raise RuntimeError(f"moto_server did not start on {url}:\n{log.read().decode()[-2000:]}")
+                        raise RuntimeError(
+                            f"moto_server did not start on {url}:\n{log.read().decode()[-2000:]}"
+                        ) from None
                     time.sleep(0.05)
             yield url
         finally:
@@ -80,7 +84,9 @@ class S3Endpoint:
         import boto3
 
         name = f"{prefix}-{next(self._names)}"
-        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1").create_bucket(Bucket=name)
+        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1").create_bucket(
+            Bucket=name
+        )
         return name
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -79,7 +80,7 @@ def test_fsspec_url_round_trip(info):
     path, shared, cleanup = fetch(found)
     try:
         assert not shared
-        assert open(os.path.join(path, "payload.txt")).read() == "two"
+        assert Path(path, "payload.txt").read_text() == "two"
     finally:
         cleanup()
     assert not os.path.exists(path)

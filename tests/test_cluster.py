@@ -26,18 +26,27 @@ def tool(name: str) -> str:
 
 def run_sbatch(tmp_path, **env):
     full = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "ARFLOW_DRY_RUN": "1", **env}
-    return subprocess.run(["bash", str(SBATCH)], env=full, cwd=tmp_path, capture_output=True, text=True)
+    return subprocess.run(
+        ["bash", str(SBATCH)], env=full, cwd=tmp_path, capture_output=True, text=True
+    )
 
 
 def test_sbatch_syntax_and_shellcheck():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
-    result = subprocess.run([tool("shellcheck"), "--severity=info", str(SBATCH)], capture_output=True, text=True)
+    result = subprocess.run(
+        [tool("shellcheck"), "--severity=info", str(SBATCH)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 
 def test_sbatch_dry_run_prints_each_node_command(tmp_path):
-    result = run_sbatch(tmp_path, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu07,gpu08,gpu09,gpu10",
-                        GPUS_PER_NODE="8", OVERRIDES="--set train.steps=10")
+    result = run_sbatch(
+        tmp_path,
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="gpu07,gpu08,gpu09,gpu10",
+        GPUS_PER_NODE="8",
+        OVERRIDES="--set train.steps=10",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "world size 32" in lines[0] and "rendezvous gpu07:29500" in lines[0]
@@ -53,8 +62,13 @@ def test_sbatch_dry_run_prints_each_node_command(tmp_path):
 
 
 def test_sbatch_deepspeed_hostfile(tmp_path):
-    result = run_sbatch(tmp_path, SLURM_JOB_ID="7", SLURM_JOB_NODELIST="a,b", LAUNCHER="deepspeed",
-                        GPUS_PER_NODE="4")
+    result = run_sbatch(
+        tmp_path,
+        SLURM_JOB_ID="7",
+        SLURM_JOB_NODELIST="a,b",
+        LAUNCHER="deepspeed",
+        GPUS_PER_NODE="4",
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "hostfile-7").read_text() == "a slots=4\nb slots=4\n"
     cmd = shlex.split(result.stdout.splitlines()[-1].split(": ", 1)[1])
@@ -65,7 +79,10 @@ def test_sbatch_deepspeed_hostfile(tmp_path):
     "env, message",
     [
         (dict(SLURM_JOB_NODELIST="a"), "SLURM_JOB_ID"),
-        (dict(SLURM_JOB_ID="1", SLURM_JOB_NODELIST="a", LAUNCHER="mpirun"), "LAUNCHER must be torchrun or deepspeed"),
+        (
+            dict(SLURM_JOB_ID="1", SLURM_JOB_NODELIST="a", LAUNCHER="mpirun"),
+            "LAUNCHER must be torchrun or deepspeed",
+        ),
     ],
 )
 def test_sbatch_bad_environment(tmp_path, env, message):
@@ -74,7 +91,9 @@ def test_sbatch_bad_environment(tmp_path, env, message):
 
 
 def render(*args) -> list[dict]:
-    out = subprocess.run([sys.executable, str(RENDER), *args], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(RENDER), *args], check=True, capture_output=True, text=True
+    )
     return list(yaml.safe_load_all(out.stdout))
 
 
@@ -86,12 +105,31 @@ def torchrun_flags(container: dict) -> dict:
 
 def validate_pod_template(template: dict) -> None:
     """Core schema of a pod template (what the operator turns into pods)."""
-    doc = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+    doc = {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": {"name": "t"},
+        "template": template,
+    }
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-COMMON = ["--name", "xl", "--nodes", "4", "--gpus-per-node", "8", "--image", "img:1",
-          "--checkpoint-dir", "s3://bucket/ckpt", "--s3-secret", "creds", "--grace-period", "180"]
+COMMON = [
+    "--name",
+    "xl",
+    "--nodes",
+    "4",
+    "--gpus-per-node",
+    "8",
+    "--image",
+    "img:1",
+    "--checkpoint-dir",
+    "s3://bucket/ckpt",
+    "--s3-secret",
+    "creds",
+    "--grace-period",
+    "180",
+]
 
 
 def test_pytorchjob_topology_and_schema():
@@ -143,17 +181,59 @@ def test_invalid_manifest_is_caught_by_the_validator():
 
 
 def test_render_rejects_bad_parameters():
-    result = subprocess.run([sys.executable, str(RENDER), "--name", "XL_256", "--nodes", "2",
-                             "--gpus-per-node", "8", "--image", "i"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(RENDER),
+            "--name",
+            "XL_256",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--image",
+            "i",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "DNS label" in result.stderr
 
 
-@pytest.mark.parametrize("variant, path, extra", [
-    ("pytorchjob", "pytorchjob.yaml", ["--checkpoint-dir", "s3://your-bucket/arflow/xl256", "--s3-secret", "arflow-s3"]),
-    ("job", "indexed-job.yaml", ["--pvc", "arflow-runs", "--checkpoint-dir", "/mnt/arflow/xl256/checkpoints",
-                                 "--s3-secret", "arflow-s3"]),
-])
+@pytest.mark.parametrize(
+    "variant, path, extra",
+    [
+        (
+            "pytorchjob",
+            "pytorchjob.yaml",
+            ["--checkpoint-dir", "s3://your-bucket/arflow/xl256", "--s3-secret", "arflow-s3"],
+        ),
+        (
+            "job",
+            "indexed-job.yaml",
+            [
+                "--pvc",
+                "arflow-runs",
+                "--checkpoint-dir",
+                "/mnt/arflow/xl256/checkpoints",
+                "--s3-secret",
+                "arflow-s3",
+            ],
+        ),
+    ],
+)
 def test_checked_in_examples_match_the_renderer(variant, path, extra):
-    rendered = render("--variant", variant, "--name", "arflow-xl256", "--nodes", "4", "--gpus-per-node", "8",
-                      "--image", "ghcr.io/your-org/arflow:latest", *extra)
+    rendered = render(
+        "--variant",
+        variant,
+        "--name",
+        "arflow-xl256",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--image",
+        "ghcr.io/your-org/arflow:latest",
+        *extra,
+    )
     assert list(yaml.safe_load_all((ROOT / "launchers/k8s" / path).read_text())) == rendered

@@ -28,7 +28,11 @@ def test_shipped_configs_load_and_validate():
 
 def test_reference_hyperparameters():
     cfg = load_config(ROOT / "configs" / "xl_256.json")
-    assert cfg.model.name == "ARFlow-XL/2" and cfg.model.input_size == 32 and cfg.model.in_channels == 4
+    assert (
+        cfg.model.name == "ARFlow-XL/2"
+        and cfg.model.input_size == 32
+        and cfg.model.in_channels == 4
+    )
     assert cfg.data.seq_len == 5
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == (1e-4, [0.9, 0.95], 0.02)
     assert cfg.ema.decay == 0.9999 and cfg.train.grad_clip > 0
@@ -56,8 +60,16 @@ def test_unknown_keys_and_wrong_types_name_the_key(data, key):
 @pytest.mark.parametrize(
     "data,world,key",
     [
-        ({"train": {"global_batch_size": 48, "micro_batch_size": 32}}, 1, "train.global_batch_size"),
-        ({"train": {"global_batch_size": 64, "micro_batch_size": 16}}, 3, "train.global_batch_size"),
+        (
+            {"train": {"global_batch_size": 48, "micro_batch_size": 32}},
+            1,
+            "train.global_batch_size",
+        ),
+        (
+            {"train": {"global_batch_size": 64, "micro_batch_size": 16}},
+            3,
+            "train.global_batch_size",
+        ),
         ({"model": {"name": "ARFlow-B/4", "input_size": 30}}, 1, "model.input_size"),
         ({"model": {"name": "ARFlow-Q/2"}}, 1, "model.name"),
         ({"model": {"hidden_size": 100, "num_heads": 3}}, 1, "model.num_heads"),
@@ -72,7 +84,9 @@ def test_impossible_combinations_name_the_key(data, world, key):
 
 
 def test_overrides_parse_json_values_and_create_nothing_unknown():
-    data = apply_overrides({}, ["train.steps=7", "optim.betas=[0.8,0.9]", "run.name=abc", "checkpoint.dir=null"])
+    data = apply_overrides(
+        {}, ["train.steps=7", "optim.betas=[0.8,0.9]", "run.name=abc", "checkpoint.dir=null"]
+    )
     cfg = config_from_dict(data)
     assert cfg.train.steps == 7 and cfg.optim.betas == [0.8, 0.9] and cfg.run.name == "abc"
     assert cfg.checkpoint.dir is None and cfg.checkpoint_dir == "runs/arflow/checkpoints"
@@ -83,8 +97,12 @@ def test_overrides_parse_json_values_and_create_nothing_unknown():
 
 
 def test_deepspeed_json_is_generated_from_ours():
-    cfg = config_from_dict({"train": {"global_batch_size": 256, "micro_batch_size": 16, "grad_clip": 0.5},
-                            "parallel": {"zero_stage": 3}})
+    cfg = config_from_dict(
+        {
+            "train": {"global_batch_size": 256, "micro_batch_size": 16, "grad_clip": 0.5},
+            "parallel": {"zero_stage": 3},
+        }
+    )
     ds = deepspeed_config(cfg, world_size=8, dtype=torch.bfloat16, universal=False)
     assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
@@ -94,13 +112,29 @@ def test_deepspeed_json_is_generated_from_ours():
 def test_launcher_rejects_a_bad_config_before_any_work(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"train": {"global_batch_size": 10, "micro_batch_size": 4}}))
-    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--config", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "train.py"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "config error: train.global_batch_size" in proc.stderr
-    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--config", str(path),
-                           "--set", "train.micro_batch_size=5", "--set", "model.depht=2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launchers" / "train.py"),
+            "--config",
+            str(path),
+            "--set",
+            "train.micro_batch_size=5",
+            "--set",
+            "model.depht=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "config error: model.depht: unknown key" in proc.stderr
 
 

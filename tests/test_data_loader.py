@@ -21,7 +21,11 @@ def stored_samples(url: str) -> dict[int, np.ndarray]:
     samples, first = {}, 0
     for shard in manifest.shards:
         with tarfile.open(shard.url) as tar:
-            arrays = [np.load(io.BytesIO(tar.extractfile(m).read())) for m in tar if m.name.endswith(".npy")]
+            arrays = [
+                np.load(io.BytesIO(tar.extractfile(m).read()))
+                for m in tar
+                if m.name.endswith(".npy")
+            ]
         samples.update({first + i: a for i, a in enumerate(arrays)})
         first += shard.count
     return samples
@@ -74,8 +78,18 @@ def epoch_sequences(loaders, epoch: int) -> list[tuple[int, ...]]:
 
 
 def test_uniform_epoch_gives_every_class_the_same_number_of_sequences(digits_shards):
-    ranks = [SequenceLoader(digits_shards, seq_len=5, batch_size=4, rank=r, world_size=2, num_workers=2,
-                            return_meta=True) for r in range(2)]
+    ranks = [
+        SequenceLoader(
+            digits_shards,
+            seq_len=5,
+            batch_size=4,
+            rank=r,
+            world_size=2,
+            num_workers=2,
+            return_meta=True,
+        )
+        for r in range(2)
+    ]
     label = class_of(ranks[0].manifest)
     sequences = epoch_sequences(ranks, 0)
     assert len(sequences) == ranks[0].sequences_per_epoch == 10 * (1797 // 50)
@@ -84,8 +98,14 @@ def test_uniform_epoch_gives_every_class_the_same_number_of_sequences(digits_sha
 
 
 def test_proportional_epoch_uses_every_sample_at_most_once(digits_shards):
-    loader = SequenceLoader(digits_shards, seq_len=5, batch_size=8, num_workers=2, class_sampling="proportional",
-                            return_meta=True)
+    loader = SequenceLoader(
+        digits_shards,
+        seq_len=5,
+        batch_size=8,
+        num_workers=2,
+        class_sampling="proportional",
+        return_meta=True,
+    )
     manifest, label = loader.manifest, class_of(loader.manifest)
     first, second = epoch_sequences([loader], 0), None
     ids = [i for s in first for i in s]
@@ -93,8 +113,14 @@ def test_proportional_epoch_uses_every_sample_at_most_once(digits_shards):
     per_class = Counter(label(s[0]) for s in first)
     for c in range(10):
         assert per_class[c] == sum(s.count // 5 for s in manifest.shards if s.class_id == c)
-    fresh = SequenceLoader(digits_shards, seq_len=5, batch_size=8, num_workers=2, class_sampling="proportional",
-                           return_meta=True)
+    fresh = SequenceLoader(
+        digits_shards,
+        seq_len=5,
+        batch_size=8,
+        num_workers=2,
+        class_sampling="proportional",
+        return_meta=True,
+    )
     second = epoch_sequences([fresh], 1)
     assert len(second) == len(first) and set(second) != set(first)  # regrouped every epoch
 
@@ -110,11 +136,14 @@ def test_same_arguments_same_batches_other_seed_other_batches(digits_shards):
 
 
 def test_no_workers_runs_in_process(digits_shards):
-    x, y = take(SequenceLoader(digits_shards, seq_len=3, batch_size=2, num_workers=0, pin_memory=True), 1)[0]
+    x, y = take(
+        SequenceLoader(digits_shards, seq_len=3, batch_size=2, num_workers=0, pin_memory=True), 1
+    )[0]
     assert x.shape == (2, 3, 3, 8, 8) and y.shape == (2,)
 
 
 # -- damaged shards ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def damaged(digits_shards, tmp_path):
@@ -138,9 +167,20 @@ def patch(path: str, offset: int, data: bytes) -> None:
 
 
 def full_epoch(root, **kwargs):
-    loader = SequenceLoader(root, seq_len=5, batch_size=8, num_workers=0, class_sampling="proportional",
-                            return_meta=True, **kwargs)
-    return [ids for _, _, meta in take(loader, loader.epoch_length) for ids in meta["sample_ids"].tolist()]
+    loader = SequenceLoader(
+        root,
+        seq_len=5,
+        batch_size=8,
+        num_workers=0,
+        class_sampling="proportional",
+        return_meta=True,
+        **kwargs,
+    )
+    return [
+        ids
+        for _, _, meta in take(loader, loader.epoch_length)
+        for ids in meta["sample_ids"].tolist()
+    ]
 
 
 def test_corrupt_member_is_skipped_with_a_warning_naming_it(damaged):
@@ -152,10 +192,9 @@ def test_corrupt_member_is_skipped_with_a_warning_naming_it(damaged):
         sequences = full_epoch(root)
     assert len([w for w in record if issubclass(w.category, BadSampleWarning)]) == 1
     assert all(bad_id not in ids for ids in sequences)
-    with pytest.raises(ShardError, match="exceed max_bad_samples=0"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", BadSampleWarning)
-            full_epoch(root, max_bad_samples=0)
+    with pytest.raises(ShardError, match="exceed max_bad_samples=0"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadSampleWarning)
+        full_epoch(root, max_bad_samples=0)
 
 
 def test_truncated_shard_counts_every_lost_sample_and_fails_past_the_budget(damaged):
@@ -166,10 +205,14 @@ def test_truncated_shard_counts_every_lost_sample_and_fails_past_the_budget(dama
         f.truncate(offset + 100)  # inside sample 10's array
     with pytest.warns(BadSampleWarning, match=f"shard {url}: samples #10..#{count - 1} missing"):
         full_epoch(root, max_bad_samples=count - 10)
-    with pytest.raises(ShardError, match=f"{count - 10} bad samples .* exceed max_bad_samples={count - 11}"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", BadSampleWarning)
-            full_epoch(root, max_bad_samples=count - 11)
+    with (
+        pytest.raises(
+            ShardError, match=f"{count - 10} bad samples .* exceed max_bad_samples={count - 11}"
+        ),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", BadSampleWarning)
+        full_epoch(root, max_bad_samples=count - 11)
 
 
 def test_checksum_mismatch_is_an_error_naming_the_shard(damaged):
@@ -178,7 +221,9 @@ def test_checksum_mismatch_is_an_error_naming_the_shard(damaged):
     patch(url, offset + 128 + 7, b"\x01")  # a pixel: still decodes, silently different
     with pytest.raises(ShardError, match=f"shard {url}: checksum mismatch"):
         full_epoch(root)
-    assert len(full_epoch(root, verify_checksums=False)) == 343 // 8 * 8  # the check can be turned off
+    assert (
+        len(full_epoch(root, verify_checksums=False)) == 343 // 8 * 8
+    )  # the check can be turned off
 
 
 def test_missing_shard_is_an_error_naming_it(damaged):

@@ -18,8 +18,11 @@ def loader(url, **overrides):
 
 
 def same(a, b) -> bool:
-    return (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-            and all(torch.equal(a[2][k], b[2][k]) for k in a[2]))
+    return (
+        torch.equal(a[0], b[0])
+        and torch.equal(a[1], b[1])
+        and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+    )
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -80,20 +83,31 @@ def emitted(loaders, consumed: int | None):
     return out
 
 
-@pytest.mark.parametrize("consumed", [12, 45])  # inside epoch 0; with some streams already in epoch 1
+@pytest.mark.parametrize(
+    "consumed", [12, 45]
+)  # inside epoch 0; with some streams already in epoch 1
 def test_changed_world_size_emits_the_rest_of_the_epoch_exactly_once(digits_shards, consumed):
     kwargs = dict(class_sampling="proportional")
     old = [loader(digits_shards, rank=r, **kwargs) for r in range(2)]
     before = emitted(old, consumed)
     assert any(epoch == 1 for epoch, _ in before) == (consumed == 45)
-    new = [loader(digits_shards, rank=r, world_size=3, num_workers=1, batch_size=3, **kwargs) for r in range(3)]
+    new = [
+        loader(digits_shards, rank=r, world_size=3, num_workers=1, batch_size=3, **kwargs)
+        for r in range(3)
+    ]
     for ld in new:
         ld.load_state_dict(old[0].state_dict())
     after = emitted(new, None)
     assert not before.keys() & after.keys()
     # The content of an epoch does not depend on the layout: compare with one uninterrupted stream.
-    reference = emitted([SequenceLoader(digits_shards, seq_len=5, batch_size=8, num_workers=0, return_meta=True,
-                                        **kwargs)], None)
+    reference = emitted(
+        [
+            SequenceLoader(
+                digits_shards, seq_len=5, batch_size=8, num_workers=0, return_meta=True, **kwargs
+            )
+        ],
+        None,
+    )
     combined = {**before, **after}
     for epoch in (0, 1):
         assert {k for k in combined if k[0] == epoch} == {k for k in reference if k[0] == epoch}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -43,8 +44,11 @@ class FaultyProxy:
             doomed = self.connections < self.cut
             self.connections += 1
             threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, self.cut_after if doomed else None),
-                             daemon=True).start()
+            threading.Thread(
+                target=self._pump,
+                args=(server, client, self.cut_after if doomed else None),
+                daemon=True,
+            ).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
         relayed = 0
@@ -59,10 +63,8 @@ class FaultyProxy:
         except OSError:
             pass
         for s in (source, sink):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def close(self) -> None:
@@ -72,8 +74,14 @@ class FaultyProxy:
 @pytest.fixture(scope="module")
 def s3_digits(moto_s3):
     url = f"s3://{moto_s3.bucket()}/digits"
-    build_shards(DigitsSource(8), PixelEncoder(8), url, shard_size=64_000, storage_options=moto_s3.storage_options,
-                 progress=False)
+    build_shards(
+        DigitsSource(8),
+        PixelEncoder(8),
+        url,
+        shard_size=64_000,
+        storage_options=moto_s3.storage_options,
+        progress=False,
+    )
     return url
 
 
@@ -83,8 +91,10 @@ def batches(url, count, **kwargs):
 
 
 def test_s3_and_local_copies_stream_identical_batches(s3_digits, digits_shards, moto_s3):
-    assert load_manifest(s3_digits, moto_s3.storage_options).to_dict()["shards"] == \
-        load_manifest(digits_shards).to_dict()["shards"]
+    assert (
+        load_manifest(s3_digits, moto_s3.storage_options).to_dict()["shards"]
+        == load_manifest(digits_shards).to_dict()["shards"]
+    )
     remote = batches(s3_digits, 30, num_workers=2, storage_options=moto_s3.storage_options)
     local = batches(digits_shards, 30, num_workers=2)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(remote, local))
@@ -96,7 +106,9 @@ def test_endpoint_that_comes_up_late_is_retried_with_backoff(s3_digits, moto_s3,
         options = {"client_kwargs": {"endpoint_url": proxy.url}}
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="arflow.data"):
-            manifest = load_manifest(s3_digits, options, retry=RetryPolicy(attempts=8, base_delay=0.1))
+            manifest = load_manifest(
+                s3_digits, options, retry=RetryPolicy(attempts=8, base_delay=0.1)
+            )
         assert time.monotonic() - started >= 1.0 and manifest.num_classes == 10
         assert f"{s3_digits}/manifest.json: transient" in caplog.text
     finally:
@@ -108,11 +120,20 @@ def test_connections_cut_mid_transfer_are_resumed(s3_digits, moto_s3, caplog):
     try:
         options = {"client_kwargs": {"endpoint_url": proxy.url}}
         with caplog.at_level(logging.WARNING, logger="arflow.data"):
-            faulty = batches(s3_digits, 20, num_workers=0, storage_options=options,
-                             retry=RetryPolicy(attempts=8, base_delay=0.05))
+            faulty = batches(
+                s3_digits,
+                20,
+                num_workers=0,
+                storage_options=options,
+                retry=RetryPolicy(attempts=8, base_delay=0.05),
+            )
         assert proxy.cuts >= 3  # some doomed connections only carried short answers
-        assert "transient ClientPayloadError" in caplog.text  # resumed by RetryPolicy (s3fs retries too)
+        assert (
+            "transient ClientPayloadError" in caplog.text
+        )  # resumed by RetryPolicy (s3fs retries too)
         direct = batches(s3_digits, 20, num_workers=0, storage_options=moto_s3.storage_options)
-        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(faulty, direct))
+        assert all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(faulty, direct)
+        )
     finally:
         proxy.close()

@@ -29,16 +29,29 @@ BIN = Path(sys.executable).parent
 STEPS = 24
 
 
-def tiny_config(tmp: Path, backend: str, zero_stage: int = 2, checkpointing: bool = False, **sections) -> Path:
+def tiny_config(
+    tmp: Path, backend: str, zero_stage: int = 2, checkpointing: bool = False, **sections
+) -> Path:
     cfg = {
         "run": {"name": f"test-{backend}", "dir": str(tmp / "run"), "seed": 3},
-        "model": {"name": "ARFlow-S/4", "input_size": 8, "in_channels": 1, "num_classes": 4,
-                  "depth": 2, "hidden_size": 32, "num_heads": 2},
+        "model": {
+            "name": "ARFlow-S/4",
+            "input_size": 8,
+            "in_channels": 1,
+            "num_classes": 4,
+            "depth": 2,
+            "hidden_size": 32,
+            "num_heads": 2,
+        },
         "data": {"url": "synthetic", "seq_len": 3},
         "train": {"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2},
         "optim": {"lr": 1e-3, "warmup_steps": 4, "schedule": "cosine"},
         "ema": {"decay": 0.9},
-        "parallel": {"backend": backend, "zero_stage": zero_stage, "activation_checkpointing": checkpointing},
+        "parallel": {
+            "backend": backend,
+            "zero_stage": zero_stage,
+            "activation_checkpointing": checkpointing,
+        },
         "checkpoint": {"every": 1000, "keep_last": 2},
         "logging": {"every": 1, "wandb": False, "progress": False},
         "samples": {"classes": [0, 1], "per_class": 2, "steps": 3},
@@ -56,8 +69,15 @@ def command(launcher: str, nproc: int, config: Path, *args: str) -> list[str]:
     if launcher == "deepspeed":
         head = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port]
     elif launcher == "torchrun":
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", port]
+        head = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            port,
+        ]
     else:
         head = [sys.executable]
     return [*head, LAUNCHER, "--config", str(config), *args]
@@ -69,7 +89,9 @@ def env() -> dict:
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -88,12 +110,23 @@ def losses(run_dir: Path) -> dict[int, float]:
 def run_until_sigterm(cmd: list[str], run_dir: Path, after_step: int, timeout: float = 300) -> str:
     """Start the job, wait until it logged `after_step`, SIGTERM every process of the job (as
     SLURM does on preemption) and wait for it to exit. Returns its output."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     try:
-        while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= after_step):
-            assert proc.poll() is None, f"job ended before step {after_step}:\n{proc.stdout.read()[-6000:]}"
+        while not (
+            (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= after_step
+        ):
+            assert proc.poll() is None, (
+                f"job ended before step {after_step}:\n{proc.stdout.read()[-6000:]}"
+            )
             assert time.monotonic() < deadline, "job too slow"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGTERM)
@@ -114,14 +147,29 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def latest_step(ckpt_dir: Path) -> int:
-    return max(int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*") if (p / "meta.json").exists())
+    return max(
+        int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*") if (p / "meta.json").exists()
+    )
 
 
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "digits", "--out", str(out),
-                    "--image-size", "8", "--no-progress"], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_shards.py"),
+            "digits",
+            "--out",
+            str(out),
+            "--image-size",
+            "8",
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return str(out)
 
 
@@ -136,11 +184,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("launcher,backend,stage,checkpointing,real_data", CASES)
-def test_exact_resume_after_sigterm(tmp_path, request, launcher, backend, stage, checkpointing, real_data):
+def test_exact_resume_after_sigterm(
+    tmp_path, request, launcher, backend, stage, checkpointing, real_data
+):
     data = {}
     if real_data:
-        data = dict(model={"in_channels": 3, "num_classes": 10},
-                    data={"url": request.getfixturevalue("digits_shards"), "num_workers": 1})
+        data = dict(
+            model={"in_channels": 3, "num_classes": 10},
+            data={"url": request.getfixturevalue("digits_shards"), "num_workers": 1},
+        )
     ref_cfg = tiny_config(tmp_path / "ref", backend, stage, checkpointing, **data)
     run(command(launcher, 2, ref_cfg))
     ref_dir = tmp_path / "ref" / "run"
@@ -184,8 +236,18 @@ def test_exact_resume_after_sigterm(tmp_path, request, launcher, backend, stage,
 def assert_converted_model_matches_ema(run_dir: Path, out: Path) -> None:
     """tools/convert_ckpt.py on the run's checkpoints gives a file that load_pretrained turns into
     a model with the outputs of the training run's own EMA export."""
-    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_ckpt.py"), str(run_dir / "checkpoints"),
-                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_ckpt.py"),
+            str(run_dir / "checkpoints"),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     converted = load_pretrained(out)
     reference = ARFlow(**architecture_of(converted)).eval()
     reference.load_state_dict(load_file(run_dir / "ema.safetensors"), strict=True)
@@ -198,9 +260,27 @@ def assert_converted_model_matches_ema(run_dir: Path, out: Path) -> None:
 
 
 def assert_sample_cli_writes_grid(ckpt: Path, out: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "launchers" / "sample.py"), "--ckpt", str(ckpt),
-                    "--classes", "0,1,2,3", "--steps", "5", "--cfg", "1.5", "--out", str(out),
-                    "--device", "cpu"], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launchers" / "sample.py"),
+            "--ckpt",
+            str(ckpt),
+            "--classes",
+            "0,1,2,3",
+            "--steps",
+            "5",
+            "--cfg",
+            "1.5",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     from PIL import Image
 
     with Image.open(out) as image:

@@ -31,8 +31,15 @@ def tiny_model() -> ARFlow:
     """A few-parameter pixel model whose output depends on label, time and state (the DiT init
     zeroes the adaLN and output layers, which would make every sample its initial noise)."""
     torch.manual_seed(0)
-    model = ARFlow(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=2,
-                   num_heads=2, num_classes=10)
+    model = ARFlow(
+        input_size=8,
+        patch_size=4,
+        in_channels=3,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "adaLN" in name or "final_layer" in name:
@@ -46,14 +53,20 @@ def write_reference(tmp: Path) -> None:
 
 def eval_config(tmp: Path, weights: str) -> EvalConfig:
     return EvalConfig(
-        num_samples=N, batch_size=2, seed=7, is_splits=2, reference=str(tmp / "reference.npz"),
-        inception_weights=weights, sampler=SamplerConfig(method="sde", steps=3),
+        num_samples=N,
+        batch_size=2,
+        seed=7,
+        is_splits=2,
+        reference=str(tmp / "reference.npz"),
+        inception_weights=weights,
+        sampler=SamplerConfig(method="sde", steps=3),
     )
 
 
 def _worker(rank: int, world_size: int, tmp: str, weights: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size
+    )
     torch.set_num_threads(1)
     try:
         # Statistics of fixed features: each rank adds its share, one all-reduce.
@@ -64,8 +77,13 @@ def _worker(rank: int, world_size: int, tmp: str, weights: str) -> None:
         stats.all_reduce()
         torch.save(stats.buffer, f"{tmp}/stats_{rank}.pt")
         tmp_path = Path(tmp)
-        result = evaluate(tiny_model(), eval_config(tmp_path, weights), device="cpu",
-                          progress=False, save_npz=tmp_path / "world2.npz")
+        result = evaluate(
+            tiny_model(),
+            eval_config(tmp_path, weights),
+            device="cpu",
+            progress=False,
+            save_npz=tmp_path / "world2.npz",
+        )
         (tmp_path / f"result_{rank}.json").write_text(json.dumps(result))
         dist.barrier()
     finally:
@@ -76,8 +94,13 @@ def _worker(rank: int, world_size: int, tmp: str, weights: str) -> None:
 def single(tmp_path_factory, inception_weights):
     tmp = tmp_path_factory.mktemp("world1")
     write_reference(tmp)
-    result = evaluate(tiny_model(), eval_config(tmp, inception_weights), device="cpu",
-                      progress=False, save_npz=tmp / "world1.npz")
+    result = evaluate(
+        tiny_model(),
+        eval_config(tmp, inception_weights),
+        device="cpu",
+        progress=False,
+        save_npz=tmp / "world1.npz",
+    )
     return tmp, result
 
 
@@ -165,28 +188,55 @@ def test_two_ranks_match_one(single, two_ranks):
 @pytest.fixture
 def single_process_env(monkeypatch):
     """The launcher joins a process group from RANK/WORLD_SIZE...; keep that out of os.environ."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
+    for key, value in dict(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    ).items():
         monkeypatch.setenv(key, value)
 
 
 def test_launcher_evaluates_a_state_dict(tmp_path, inception_weights, single_process_env, capsys):
     save_file(tiny_model().state_dict(), tmp_path / "ema.safetensors")
     config = {
-        "model": {"name": "ARFlow-S/4", "depth": 2, "hidden_size": 32, "num_heads": 2,
-                  "input_size": 8, "in_channels": 3, "num_classes": 10},
-        "eval": {"num_samples": 3, "batch_size": 2, "is_splits": 1,
-                 "sampler": {"method": "euler", "steps": 2}},
+        "model": {
+            "name": "ARFlow-S/4",
+            "depth": 2,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "input_size": 8,
+            "in_channels": 3,
+            "num_classes": 10,
+        },
+        "eval": {
+            "num_samples": 3,
+            "batch_size": 2,
+            "is_splits": 1,
+            "sampler": {"method": "euler", "steps": 2},
+        },
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    argv = ["--ckpt", str(tmp_path / "ema.safetensors"), "--config", str(tmp_path / "config.json"),
-            "--inception-weights", inception_weights, "--device", "cpu", "--no-progress"]
+    argv = [
+        "--ckpt",
+        str(tmp_path / "ema.safetensors"),
+        "--config",
+        str(tmp_path / "config.json"),
+        "--inception-weights",
+        inception_weights,
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     with pytest.raises(ValueError, match="does not fit model ARFlow-S/4"):
         evaluate_main([*argv, "--set", "model.num_classes=11"])
     evaluate_main([*argv, "--set", "eval.seed=3", "--out", str(tmp_path / "result.json")])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads((tmp_path / "result.json").read_text())
-    assert printed["num_samples"] == 3 and printed["fid"] is None and printed["inception_score"] >= 1
+    assert (
+        printed["num_samples"] == 3 and printed["fid"] is None and printed["inception_score"] >= 1
+    )
     # An exported file carries its architecture: the config's model section is not needed.
     from arflow.models import architecture_of, save_pretrained
 
@@ -206,12 +256,25 @@ def test_latent_models_are_decoded_with_the_vae(tmp_path):
 
     torch.manual_seed(0)
     AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
-        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=8,
     ).save_pretrained(tmp_path / "vae")
-    model = ARFlow(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1,
-                   num_heads=2, num_classes=10)
+    model = ARFlow(
+        input_size=4,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+    )
     sampler = SamplerConfig(method="euler", steps=2)
     with pytest.raises(ValueError, match="set eval.vae"):
         ImageGenerator(model, sampler, 0, "cpu")

@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
-from arflow.models import ARFlow, architecture_of, infer_architecture, load_pretrained, save_pretrained
-
 from tiny_models import sequence, tiny_model
+
+from arflow.models import (
+    ARFlow,
+    architecture_of,
+    infer_architecture,
+    load_pretrained,
+    save_pretrained,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +34,12 @@ convert_ckpt = load_tool("tools/convert_ckpt.py")
 
 def test_save_and_load_pretrained_roundtrip(tmp_path):
     model = tiny_model(seed=3)
-    path = save_pretrained(model.state_dict(), tmp_path / "m.safetensors", architecture_of(model),
-                           config={"run": {"name": "x"}})
+    path = save_pretrained(
+        model.state_dict(),
+        tmp_path / "m.safetensors",
+        architecture_of(model),
+        config={"run": {"name": "x"}},
+    )
     loaded = load_pretrained(path)
     x, t, y = sequence()
     assert torch.equal(loaded(x, t, y), model(x, t, y))
@@ -70,8 +79,12 @@ def release_checkpoint(tmp_path, layout: str) -> tuple[Path, ARFlow]:
     if layout == "plain":
         obj, expected = ema.state_dict(), ema
     elif layout == "training":  # what the release's train loop saves
-        obj = {"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {"state": {}},
-               "args": argparse.Namespace(model="ARFlow-S/2", image_size=256)}
+        obj = {
+            "model": raw.state_dict(),
+            "ema": ema.state_dict(),
+            "opt": {"state": {}},
+            "args": argparse.Namespace(model="ARFlow-S/2", image_size=256),
+        }
         expected = ema
     else:  # only the raw model, saved from a DDP wrapper
         obj, expected = {"model": {f"module.{k}": v for k, v in raw.state_dict().items()}}, raw
@@ -103,8 +116,18 @@ def test_official_import_no_ema_and_to_pt(tmp_path):
 def test_official_import_overrides(tmp_path):
     path, _ = release_checkpoint(tmp_path, "plain")
     out = tmp_path / "m.safetensors"
-    convert_ckpt.main(["--from-official", str(path), "--out", str(out), "--arch-num-classes", "11",
-                       "--arch-class-dropout-prob", "0"])
+    convert_ckpt.main(
+        [
+            "--from-official",
+            str(path),
+            "--out",
+            str(out),
+            "--arch-num-classes",
+            "11",
+            "--arch-class-dropout-prob",
+            "0",
+        ]
+    )
     assert load_pretrained(out).num_classes == 11
 
 
@@ -130,11 +153,30 @@ def test_pickle_needing_code_is_refused_not_run(tmp_path):
 
 def test_sample_cli_writes_png_of_expected_size(tmp_path):
     model = tiny_model(seed=2, num_classes=10)  # a digits-shaped pixel model: 3 x 8 x 8
-    ckpt = save_pretrained(model.state_dict(), tmp_path / "digits.safetensors", architecture_of(model))
+    ckpt = save_pretrained(
+        model.state_dict(), tmp_path / "digits.safetensors", architecture_of(model)
+    )
     out = tmp_path / "grid.png"
-    cmd = [sys.executable, str(ROOT / "launchers/sample.py"), "--ckpt", str(ckpt), "--classes",
-           "1,2,3,4,5", "--cfg", "1.5", "--steps", "4", "--sampler", "sde", "--seed", "0",
-           "--out", str(out), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launchers/sample.py"),
+        "--ckpt",
+        str(ckpt),
+        "--classes",
+        "1,2,3,4,5",
+        "--cfg",
+        "1.5",
+        "--steps",
+        "4",
+        "--sampler",
+        "sde",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     with Image.open(out) as image:
         assert image.size == (3 * 8, 2 * 8)  # 5 images on a 3-column grid
@@ -149,4 +191,6 @@ def test_sample_cli_rejects_bad_classes(tmp_path):
     ckpt = save_pretrained(model.state_dict(), tmp_path / "m.safetensors", architecture_of(model))
     sample_cli = load_tool("launchers/sample.py")
     with pytest.raises(SystemExit, match=r"--classes \[12\] out of range"):
-        sample_cli.main(["--ckpt", str(ckpt), "--classes", "1,12", "--out", str(tmp_path / "g.png")])
+        sample_cli.main(
+            ["--ckpt", str(ckpt), "--classes", "1,12", "--out", str(tmp_path / "g.png")]
+        )

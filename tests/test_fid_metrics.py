@@ -92,11 +92,15 @@ def test_stats_in_uneven_shuffled_batches_match_numpy():
     stats = FeatureStats(n, splits, dim=d, num_logits=k)
     order = rng.permutation(n)  # order and batch sizes must not matter
     for batch in np.split(order, [7, 20, 21, 40]):
-        stats.update(torch.from_numpy(feats[batch]), torch.from_numpy(logits[batch]), torch.from_numpy(batch))
+        stats.update(
+            torch.from_numpy(feats[batch]), torch.from_numpy(logits[batch]), torch.from_numpy(batch)
+        )
     mu, sigma = stats.mean_cov()
     np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(stats.inception_score(), direct_inception_score(logits, splits), rtol=1e-10)
+    np.testing.assert_allclose(
+        stats.inception_score(), direct_inception_score(logits, splits), rtol=1e-10
+    )
     assert stats.count.item() == n
 
 

@@ -31,8 +31,12 @@ def image_sets(tmp_path_factory):
     for i, image in enumerate(images):
         (tmp / "folder" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(tmp / "folder" / f"class{i % 2}" / f"{i}.png")
-    build_shards(ImageFolderSource(str(tmp / "folder"), 8), PixelEncoder(8), str(tmp / "shards"),
-                 progress=False)
+    build_shards(
+        ImageFolderSource(str(tmp / "folder"), 8),
+        PixelEncoder(8),
+        str(tmp / "shards"),
+        progress=False,
+    )
     np.savez(tmp / "samples.npz", arr_0=images)
     weights = write_random_weights(tmp / "random_inception.pth")
     return tmp, str(weights)
@@ -41,8 +45,13 @@ def image_sets(tmp_path_factory):
 @pytest.fixture
 def single_process_env(monkeypatch):
     """The CLIs join a process group from RANK/WORLD_SIZE...; keep that out of os.environ."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
+    for key, value in dict(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    ).items():
         monkeypatch.setenv(key, value)
 
 
@@ -53,13 +62,31 @@ def run_cli(main, argv, capsys) -> dict:
 
 def test_reference_from_shards_folder_and_npz_agree(image_sets, single_process_env, capsys):
     tmp, weights = image_sets
-    common = ["--inception-weights", weights, "--device", "cpu", "--no-progress", "--batch-size", "3"]
-    out = run_cli(fid_reference_main,
-                  [str(tmp / "shards"), "--out", str(tmp / "ref_shards.npz"), *common], capsys)
+    common = [
+        "--inception-weights",
+        weights,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--batch-size",
+        "3",
+    ]
+    out = run_cli(
+        fid_reference_main,
+        [str(tmp / "shards"), "--out", str(tmp / "ref_shards.npz"), *common],
+        capsys,
+    )
     assert out["num_samples"] == 4
-    run_cli(fid_reference_main, [str(tmp / "folder"), "--resolution", "8", "--out",
-                                 str(tmp / "ref_folder.npz"), *common], capsys)
-    run_cli(fid_main, ["stats", str(tmp / "samples.npz"), "--out", str(tmp / "ref_npz.npz"), *common], capsys)
+    run_cli(
+        fid_reference_main,
+        [str(tmp / "folder"), "--resolution", "8", "--out", str(tmp / "ref_folder.npz"), *common],
+        capsys,
+    )
+    run_cli(
+        fid_main,
+        ["stats", str(tmp / "samples.npz"), "--out", str(tmp / "ref_npz.npz"), *common],
+        capsys,
+    )
     mu, sigma = load_reference(tmp / "ref_shards.npz")
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
     for other in ("ref_folder.npz", "ref_npz.npz"):  # same pixels, any source, any order
@@ -67,8 +94,11 @@ def test_reference_from_shards_folder_and_npz_agree(image_sets, single_process_e
         np.testing.assert_allclose(mu2, mu, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(sigma2, sigma, rtol=1e-5, atol=1e-9)
     # distance: a statistics file against an image set computed on the fly
-    result = run_cli(fid_main,
-                     ["distance", str(tmp / "ref_shards.npz"), str(tmp / "samples.npz"), *common], capsys)
+    result = run_cli(
+        fid_main,
+        ["distance", str(tmp / "ref_shards.npz"), str(tmp / "samples.npz"), *common],
+        capsys,
+    )
     assert abs(result["fid"]) < 1e-6
 
 
@@ -79,9 +109,21 @@ def test_distance_script_prints_json(tmp_path):
     for name, x in (("a.npz", a), ("b.npz", b + 1)):
         np.savez(tmp_path / name, mu=x.mean(0), sigma=np.cov(x, rowvar=False))
         stats.append((x.mean(0), np.cov(x, rowvar=False)))
-    proc = subprocess.run([sys.executable, str(REPO / "tools/fid.py"), "distance",
-                           str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--device", "cpu"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/fid.py"),
+            "distance",
+            str(tmp_path / "a.npz"),
+            str(tmp_path / "b.npz"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     fid = json.loads(proc.stdout)["fid"]
     assert fid == pytest.approx(frechet_distance(*stats[0], *stats[1]), rel=1e-9)

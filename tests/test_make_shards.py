@@ -51,8 +51,14 @@ def test_help_explains_every_flag():
         assert action.help, f"{action.option_strings or action.dest} has no help"
         for option in action.option_strings:
             assert option in text
-    result = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "--shard-size" in result.stdout and "--endpoint-url" in result.stdout
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert (
+        result.returncode == 0
+        and "--shard-size" in result.stdout
+        and "--endpoint-url" in result.stdout
+    )
 
 
 def test_vae_encoding_needs_a_vae_path(capsys):
@@ -70,14 +76,32 @@ def test_parse_size():
 
 def test_digits_cli_writes_one_class_per_shard_with_checksums(tmp_path):
     out = tmp_path / "digits"
-    result = subprocess.run([sys.executable, str(TOOL), "digits", "--out", str(out), "--image-size", "8",
-                             "--shard-size", "64KB", "--workers", "2"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "digits",
+            "--out",
+            str(out),
+            "--image-size",
+            "8",
+            "--shard-size",
+            "64KB",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "1797/1797" in result.stderr  # the progress bar
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["version"] == 1 and manifest["encoding"] == "pixels"
-    assert manifest["sample_shape"] == [3, 8, 8] and manifest["stored"] == {"dtype": "uint8", "shape": [3, 8, 8]}
+    assert manifest["sample_shape"] == [3, 8, 8] and manifest["stored"] == {
+        "dtype": "uint8",
+        "shape": [3, 8, 8],
+    }
     source = DigitsSource(8)
     expected_counts = [len(items) for _, items in source.classes]
     assert [c["count"] for c in manifest["classes"]] == expected_counts
@@ -103,11 +127,18 @@ def test_digits_content_matches_source(digits_shards):
     source = DigitsSource(8)
     for class_id, (_, items) in enumerate(source.classes):
         expected = sorted(source.load(i).tobytes() for i in items)
-        stored = sorted(a.tobytes() for s in manifest.shards if s.class_id == class_id
-                        for _, _, a in read_tar(s.url))
+        stored = sorted(
+            a.tobytes()
+            for s in manifest.shards
+            if s.class_id == class_id
+            for _, _, a in read_tar(s.url)
+        )
         assert stored == expected
-        assert all(a.dtype == np.uint8 and a.shape == (3, 8, 8) for s in manifest.shards[:1]
-                   for _, _, a in read_tar(s.url))
+        assert all(
+            a.dtype == np.uint8 and a.shape == (3, 8, 8)
+            for s in manifest.shards[:1]
+            for _, _, a in read_tar(s.url)
+        )
 
 
 def test_rerun_skips_complete_shards_and_rewrites_damaged_ones(tmp_path):
@@ -130,20 +161,29 @@ def make_image_folder(root: Path, sizes: dict[str, int]) -> None:
     for name, count in sizes.items():
         (root / name).mkdir(parents=True)
         for i in range(count):
-            pixels = rng.integers(0, 256, (6 + i % 3, 12, 3), dtype=np.uint8)  # wide, varying heights
+            pixels = rng.integers(
+                0, 256, (6 + i % 3, 12, 3), dtype=np.uint8
+            )  # wide, varying heights
             Image.fromarray(pixels).save(root / name / f"img{i}.png")
 
 
 def test_image_folder_centre_crop_and_min_per_class(tmp_path, caplog):
     make_image_folder(tmp_path / "src", {"b_cat": 6, "a_dog": 5, "c_rare": 2})
     with caplog.at_level(logging.WARNING, logger="arflow.data"):
-        manifest = build_shards(ImageFolderSource(str(tmp_path / "src"), 4), PixelEncoder(4), str(tmp_path / "out"),
-                                min_per_class=3, progress=False)
+        manifest = build_shards(
+            ImageFolderSource(str(tmp_path / "src"), 4),
+            PixelEncoder(4),
+            str(tmp_path / "out"),
+            min_per_class=3,
+            progress=False,
+        )
     assert "c_rare (2)" in caplog.text
     assert manifest.class_names == ["a_dog", "b_cat"] and manifest.counts == [5, 6]
     assert load_manifest(str(tmp_path / "out")).dropped_classes == [{"name": "c_rare", "count": 2}]
     with Image.open(tmp_path / "src" / "a_dog" / "img1.png") as image:
-        expected = np.asarray(ImageOps.fit(image.convert("RGB"), (4, 4), method=Image.BICUBIC)).transpose(2, 0, 1)
+        expected = np.asarray(
+            ImageOps.fit(image.convert("RGB"), (4, 4), method=Image.BICUBIC)
+        ).transpose(2, 0, 1)
     stored = [a for s in manifest.shards if s.class_id == 0 for _, _, a in read_tar(s.url)]
     assert any(np.array_equal(a, expected) for a in stored)
 
@@ -152,10 +192,20 @@ def test_image_folder_errors_name_the_class_and_the_file(tmp_path):
     make_image_folder(tmp_path / "src", {"a_full": 3})
     (tmp_path / "src" / "b_empty").mkdir()
     with pytest.raises(ValueError, match="class 'b_empty'.*no images"):
-        build_shards(ImageFolderSource(str(tmp_path / "src"), 4), PixelEncoder(4), str(tmp_path / "o"), progress=False)
+        build_shards(
+            ImageFolderSource(str(tmp_path / "src"), 4),
+            PixelEncoder(4),
+            str(tmp_path / "o"),
+            progress=False,
+        )
     (tmp_path / "src" / "b_empty" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
-        build_shards(ImageFolderSource(str(tmp_path / "src"), 4), PixelEncoder(4), str(tmp_path / "o"), progress=False)
+        build_shards(
+            ImageFolderSource(str(tmp_path / "src"), 4),
+            PixelEncoder(4),
+            str(tmp_path / "o"),
+            progress=False,
+        )
     # the class written before the failure is kept, and skipped by the next run
     assert (tmp_path / "o" / "shards" / "c00000_0000.tar.json").exists()
 
@@ -165,9 +215,17 @@ def tiny_vae(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return str(path)
@@ -178,8 +236,13 @@ def vae_shards(tmp_path_factory, tiny_vae):
     root = tmp_path_factory.mktemp("vae_shards")
     make_image_folder(root / "src", {"a": 8, "b": 7})
     out = str(root / "out")
-    build_shards(ImageFolderSource(str(root / "src"), 16), VaeEncoder(tiny_vae, 16, device="cpu", batch_size=4), out,
-                 shard_size=40_000, progress=False)
+    build_shards(
+        ImageFolderSource(str(root / "src"), 16),
+        VaeEncoder(tiny_vae, 16, device="cpu", batch_size=4),
+        out,
+        shard_size=40_000,
+        progress=False,
+    )
     return str(root / "src"), out
 
 
@@ -189,10 +252,15 @@ def test_vae_moments_of_image_and_flip(vae_shards, tiny_vae):
     src, out = vae_shards
     manifest = load_manifest(out)
     assert manifest.encoding == "vae" and manifest.sample_shape == (4, 8, 8)
-    assert manifest.stored_shape == (2, 8, 8, 8) and manifest.scaling_factor == pytest.approx(0.18215)
+    assert manifest.stored_shape == (2, 8, 8, 8) and manifest.scaling_factor == pytest.approx(
+        0.18215
+    )
     assert len(manifest.shards) == 4  # 8 + 7 samples of 8 KB in shards of at most 40 KB
     source = ImageFolderSource(src, 16)
-    images = torch.from_numpy(np.stack([source.load(p) for p in source.classes[0][1]])).float() / 127.5 - 1
+    images = (
+        torch.from_numpy(np.stack([source.load(p) for p in source.classes[0][1]])).float() / 127.5
+        - 1
+    )
     vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
     with torch.no_grad():
         posterior, flipped = vae.encode(images).latent_dist, vae.encode(images.flip(-1)).latent_dist
@@ -211,11 +279,24 @@ def test_loader_draws_latents_from_the_stored_moments(vae_shards):
     from arflow.data.plan import NOISE, PlanConfig, Planner
 
     _, out = vae_shards
-    loader = SequenceLoader(out, seq_len=3, batch_size=4, num_workers=0, seed=7, return_meta=True, window=4,
-                            expect_shape=(4, 8, 8), expect_encoding="vae")
+    loader = SequenceLoader(
+        out,
+        seq_len=3,
+        batch_size=4,
+        num_workers=0,
+        seed=7,
+        return_meta=True,
+        window=4,
+        expect_shape=(4, 8, 8),
+        expect_encoding="vae",
+    )
     manifest = loader.manifest
-    planner = Planner([s.count for s in manifest.shards], [s.class_id for s in manifest.shards],
-                      [True] * len(manifest.shards), PlanConfig(3, "uniform", 7, 4))
+    planner = Planner(
+        [s.count for s in manifest.shards],
+        [s.class_id for s in manifest.shards],
+        [True] * len(manifest.shards),
+        PlanConfig(3, "uniform", 7, 4),
+    )
     stored = {}
     offsets = np.cumsum([0] + [s.count for s in manifest.shards])
     for shard, info in enumerate(manifest.shards):
@@ -229,7 +310,9 @@ def test_loader_draws_latents_from_the_stored_moments(vae_shards):
         groups = planner.groups(shard, epoch)
         members = [stored[i][1] for i in ids]
         group = next(g for g in range(len(groups.members)) if groups.members[g].tolist() == members)
-        eps = np.random.default_rng([7, NOISE, epoch, shard, group]).standard_normal((3, 4, 8, 8), dtype=np.float32)
+        eps = np.random.default_rng([7, NOISE, epoch, shard, group]).standard_normal(
+            (3, 4, 8, 8), dtype=np.float32
+        )
         for k, sample_id in enumerate(ids):
             flip = int(groups.flips[group][k])
             flips_seen.add(flip)
@@ -250,12 +333,34 @@ def test_cli_writes_to_s3_and_the_loader_streams_it(moto_s3):
     from arflow.data import SequenceLoader
 
     url = f"s3://{moto_s3.bucket()}/digits"
-    result = subprocess.run([sys.executable, str(TOOL), "digits", "--out", url, "--image-size", "8",
-                             "--shard-size", "200KB", "--endpoint-url", moto_s3.url, "--no-progress"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "digits",
+            "--out",
+            url,
+            "--image-size",
+            "8",
+            "--shard-size",
+            "200KB",
+            "--endpoint-url",
+            moto_s3.url,
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
-    loader = SequenceLoader(url, seq_len=5, batch_size=8, num_workers=0, storage_options=moto_s3.storage_options,
-                            return_meta=True)
+    loader = SequenceLoader(
+        url,
+        seq_len=5,
+        batch_size=8,
+        num_workers=0,
+        storage_options=moto_s3.storage_options,
+        return_meta=True,
+    )
     x, y, meta = next(iter(loader))
     assert x.shape == (8, 5, 3, 8, 8)
     ids = meta["sample_ids"]
@@ -263,17 +368,41 @@ def test_cli_writes_to_s3_and_the_loader_streams_it(moto_s3):
 
 
 def test_torchrun_ranks_split_classes_and_rank0_writes_the_manifest(tmp_path):
-    single = build_shards(DigitsSource(8), PixelEncoder(8), str(tmp_path / "single"), shard_size=64_000,
-                          progress=False)
+    single = build_shards(
+        DigitsSource(8),
+        PixelEncoder(8),
+        str(tmp_path / "single"),
+        shard_size=64_000,
+        progress=False,
+    )
     out = tmp_path / "distributed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TOOL), "digits",
-         "--out", str(out), "--image-size", "8", "--shard-size", "64KB"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(TOOL),
+            "digits",
+            "--out",
+            str(out),
+            "--image-size",
+            "8",
+            "--shard-size",
+            "64KB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0/2" in result.stderr and "rank 1/2" in result.stderr
     written = load_manifest(str(out))
-    assert [(s.path, s.sha256) for s in written.shards] == [(s.path, s.sha256) for s in single.shards]
+    assert [(s.path, s.sha256) for s in written.shards] == [
+        (s.path, s.sha256) for s in single.shards
+    ]
     assert written.counts == single.counts

@@ -5,11 +5,10 @@ import io
 
 import pytest
 import torch
-
-from arflow.models import ARFlow, MODEL_NAMES, create_model, model_kwargs
-from arflow.flow.transport import training_loss
-
 from tiny_models import sequence, tiny_model
+
+from arflow.flow.transport import training_loss
+from arflow.models import MODEL_NAMES, ARFlow, create_model, model_kwargs
 
 
 def test_forward_shapes_and_forms_agree():
@@ -67,13 +66,23 @@ def test_zoo_parameter_counts(name):
 def test_release_parameter_names():
     model = tiny_model(depth=1)
     expected = {
-        "pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
-        "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias",
-        "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "y_embedder.embedding_table.weight",
-        "final_layer.linear.weight", "final_layer.linear.bias",
-        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
-        "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight",
-        "blocks.0.mlp.fc2.bias", "blocks.0.adaLN_modulation.1.weight",
+        "pos_embed",
+        "x_embedder.proj.weight",
+        "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
+        "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc1.bias",
+        "blocks.0.mlp.fc2.weight",
+        "blocks.0.mlp.fc2.bias",
+        "blocks.0.adaLN_modulation.1.weight",
         "blocks.0.adaLN_modulation.1.bias",
     } | {f"blocks.0.attn.{n}_proj.weight" for n in ("q", "k", "v", "g", "gt", "out")}
     assert set(model.state_dict()) == expected
@@ -134,8 +143,15 @@ def test_unknown_zoo_name():
 
 def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = ARFlow(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2,
-                   num_heads=4, num_classes=5).train()
+    model = ARFlow(
+        input_size=8,
+        patch_size=2,
+        in_channels=3,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        num_classes=5,
+    ).train()
     x1, _, y = sequence(batch=4, images=3, seed=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from arflow.flow.samplers import GuidedVelocity, SamplerConfig, sample
-
-from tiny_models import tiny_model
 
 LABELS = torch.tensor([0, 3, 1])
 SEEDS = [11, 22, 33]
@@ -48,8 +47,12 @@ def test_cfg_scale_one_equals_no_guidance(model):
 def test_guidance_on_first_channels_only(model):
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     cond, _ = GuidedVelocity(model, LABELS, SamplerConfig())(x, 0.3, None)
-    some, _ = GuidedVelocity(model, LABELS, SamplerConfig(cfg_scale=3.0, cfg_channels=2))(x, 0.3, None)
-    every, _ = GuidedVelocity(model, LABELS, SamplerConfig(cfg_scale=3.0, cfg_channels=None))(x, 0.3, None)
+    some, _ = GuidedVelocity(model, LABELS, SamplerConfig(cfg_scale=3.0, cfg_channels=2))(
+        x, 0.3, None
+    )
+    every, _ = GuidedVelocity(model, LABELS, SamplerConfig(cfg_scale=3.0, cfg_channels=None))(
+        x, 0.3, None
+    )
     torch.testing.assert_close(some[:, 2:], cond[:, 2:], rtol=1e-5, atol=1e-5)
     assert (some[:, :2] - cond[:, :2]).abs().max() > 1e-3
     torch.testing.assert_close(every[:, :2], some[:, :2])

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_distributed import command, latest_step, losses, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(cmd, env, expect_ok=True, timeout=300):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_ok:
-        assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        assert proc.returncode == 0, (
+            f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -32,8 +33,13 @@ def clean_env(tmp_path: Path) -> dict:
 
 
 def test_ddp_observability_interrupted_save_and_shape_change(tmp_path):
-    cfg = tiny_config(tmp_path, "ddp", train={"steps": 6}, checkpoint={"every": 3, "keep_last": 3},
-                      logging={"every": 2, "wandb": True, "progress": True})
+    cfg = tiny_config(
+        tmp_path,
+        "ddp",
+        train={"steps": 6},
+        checkpoint={"every": 3, "keep_last": 3},
+        logging={"every": 2, "wandb": True, "progress": True},
+    )
     env = clean_env(tmp_path)
     proc = run(command("torchrun", 2, cfg), env)
     run_dir = tmp_path / "run"
@@ -41,7 +47,15 @@ def test_ddp_observability_interrupted_save_and_shape_change(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [2, 4, 6]
-    for key in ("loss", "grad_norm", "lr", "images_per_s", "tokens_per_s", "step_time_s", "peak_memory_gb"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "lr",
+        "images_per_s",
+        "tokens_per_s",
+        "step_time_s",
+        "peak_memory_gb",
+    ):
         assert all(isinstance(r[key], float) for r in steps), key
     assert any("checkpoint_seconds" in r for r in records)
     offline = list((run_dir / "wandb").glob("offline-run-*"))
@@ -54,7 +68,9 @@ def test_ddp_observability_interrupted_save_and_shape_change(tmp_path):
     # remove it and continue from the previous complete checkpoint.
     ckpt = run_dir / "checkpoints"
     (ckpt / "step_000000006" / "meta.json").unlink()
-    shutil.copytree(ckpt / "step_000000003", ckpt / "step_000000009", ignore=shutil.ignore_patterns("meta.json"))
+    shutil.copytree(
+        ckpt / "step_000000003", ckpt / "step_000000009", ignore=shutil.ignore_patterns("meta.json")
+    )
     proc = run(command("torchrun", 2, cfg, "--resume", "auto", "--set", "train.steps=5"), env)
     out = proc.stdout + proc.stderr
     assert "removed incomplete checkpoints at steps [6, 9]" in out
@@ -62,7 +78,11 @@ def test_ddp_observability_interrupted_save_and_shape_change(tmp_path):
     assert latest_step(ckpt) == 5
 
     # A config that changes parameter shapes cannot resume; the message names the key.
-    proc = run(command("python", 1, cfg, "--resume", "auto", "--set", "model.hidden_size=64"), env, expect_ok=False)
+    proc = run(
+        command("python", 1, cfg, "--resume", "auto", "--set", "model.hidden_size=64"),
+        env,
+        expect_ok=False,
+    )
     assert proc.returncode != 0
     assert "model.hidden_size: checkpoint 32, config 64" in proc.stderr
 
@@ -78,10 +98,20 @@ def test_zero1_under_deepspeed(tmp_path):
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, backend):
-    cfg = tiny_config(tmp_path, backend, train={"steps": 20, "global_batch_size": 2, "micro_batch_size": 2,
-                                                 "max_nonfinite_steps": 3},
-                      checkpoint={"every": 2, "keep_last": 10})
-    proc = run([sys.executable, __file__, str(cfg)], clean_env(tmp_path) | {"WANDB_MODE": "disabled"})
+    cfg = tiny_config(
+        tmp_path,
+        backend,
+        train={
+            "steps": 20,
+            "global_batch_size": 2,
+            "micro_batch_size": 2,
+            "max_nonfinite_steps": 3,
+        },
+        checkpoint={"every": 2, "keep_last": 10},
+    )
+    proc = run(
+        [sys.executable, __file__, str(cfg)], clean_env(tmp_path) | {"WANDB_MODE": "disabled"}
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "3 consecutive non-finite steps" in result["error"]
     assert "train.max_nonfinite_steps = 3" in result["error"]
@@ -91,8 +121,12 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, backend):
     # The run stopped at step 9 without saving: step 8 (weights of step 6) stays the latest.
     assert latest_step(tmp_path / "run" / "checkpoints") == 8
     assert not (tmp_path / "run" / "checkpoints" / "step_000000009").exists()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_steps"] for r in records if "skipped_steps" in r][-1] == 3  # logged at step 8
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["skipped_steps"] for r in records if "skipped_steps" in r][
+        -1
+    ] == 3  # logged at step 8
 
 
 def _poisoned_run(config_path: str) -> None:
@@ -120,9 +154,12 @@ def _poisoned_run(config_path: str) -> None:
                 yield (x * float("nan") if i in bad else x), y
 
     trainer.loader = Poisoned(trainer.loader)
-    snapshot = lambda: [t.detach().clone() for t in trainer.backend.master_params().values()] + [
-        t.detach().clone() for t in trainer.ema.shadow.values()
-    ]
+
+    def snapshot():
+        return [t.detach().clone() for t in trainer.backend.master_params().values()] + [
+            t.detach().clone() for t in trainer.ema.shadow.values()
+        ]
+
     # State before each step (master weights and EMA, i.e. after the previous step's EMA update).
     states, skipped_flags = [], []
     step_fn = trainer.backend.train_step
@@ -166,14 +203,24 @@ def test_periodic_fid_inside_training(tmp_path):
 
     weights = write_random_weights(tmp_path / "inception.pth")
     np.savez(tmp_path / "reference.npz", mu=np.full(2048, 0.1), sigma=np.eye(2048) * 1e-4)
-    cfg_path = tiny_config(tmp_path, "ddp", train={"steps": 4}, logging={"every": 2, "wandb": False})
+    cfg_path = tiny_config(
+        tmp_path, "ddp", train={"steps": 4}, logging={"every": 2, "wandb": False}
+    )
     cfg = json.loads(cfg_path.read_text())
-    cfg["eval"] = {"every": 2, "num_samples": 4, "batch_size": 2, "is_splits": 1,
-                   "sampler": {"method": "euler", "steps": 2},
-                   "reference": str(tmp_path / "reference.npz"), "inception_weights": str(weights)}
+    cfg["eval"] = {
+        "every": 2,
+        "num_samples": 4,
+        "batch_size": 2,
+        "is_splits": 1,
+        "sampler": {"method": "euler", "steps": 2},
+        "reference": str(tmp_path / "reference.npz"),
+        "inception_weights": str(weights),
+    }
     cfg_path.write_text(json.dumps(cfg))
     run(command("torchrun", 2, cfg_path), clean_env(tmp_path))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     evals = [r for r in records if "eval/fid" in r]
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:

@@ -1,8 +1,7 @@
 import torch
+from tiny_models import sequence, tiny_model
 
 from arflow.flow.transport import interpolate, sample_noise_levels, training_loss, velocity_target
-
-from tiny_models import sequence, tiny_model
 
 
 def test_noise_levels_sorted_uniform():

@@ -9,7 +9,7 @@ from arflow.models import ARFlow
 def randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for _name, p in module.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     return module
@@ -17,8 +17,14 @@ def randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.
 
 def tiny_model(seed: int = 0, **overrides) -> ARFlow:
     kwargs = dict(
-        input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
-        num_classes=5, class_dropout_prob=0.1,
+        input_size=8,
+        patch_size=2,
+        in_channels=3,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+        class_dropout_prob=0.1,
     )
     kwargs.update(overrides)
     torch.manual_seed(seed)

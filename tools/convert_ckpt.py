@@ -42,18 +42,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("ckpt", nargs="?", help="trainer checkpoint directory (step_XXXXXXXXX) or run checkpoint root (takes the latest)")
-    parser.add_argument("--from-official", metavar="FILE", help="import a public-release .pt checkpoint")
-    parser.add_argument("--out", required=True, help="output file (.safetensors, or .pt with --to-pt)")
-    parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
-    parser.add_argument("--to-pt", action="store_true", help="write a plain torch state dict instead of safetensors")
+    parser.add_argument(
+        "ckpt",
+        nargs="?",
+        help="trainer checkpoint directory (step_XXXXXXXXX) or run checkpoint root (takes the latest)",
+    )
+    parser.add_argument(
+        "--from-official", metavar="FILE", help="import a public-release .pt checkpoint"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output file (.safetensors, or .pt with --to-pt)"
+    )
+    parser.add_argument(
+        "--no-ema", action="store_true", help="export the raw weights instead of the EMA"
+    )
+    parser.add_argument(
+        "--to-pt", action="store_true", help="write a plain torch state dict instead of safetensors"
+    )
     for key in OVERRIDABLE:
         kind = float if key == "class_dropout_prob" else int
-        parser.add_argument(f"--arch-{key.replace('_', '-')}", dest=key, type=kind,
-                            help=f"override the inferred {key} (official import)")
+        parser.add_argument(
+            f"--arch-{key.replace('_', '-')}",
+            dest=key,
+            type=kind,
+            help=f"override the inferred {key} (official import)",
+        )
     args = parser.parse_args(argv)
     if bool(args.ckpt) == bool(args.from_official):
-        parser.error("give exactly one source: a trainer checkpoint directory or --from-official FILE")
+        parser.error(
+            "give exactly one source: a trainer checkpoint directory or --from-official FILE"
+        )
     return args
 
 

@@ -29,7 +29,16 @@ import os
 import re
 import sys
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str) -> int:
@@ -44,34 +53,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make_shards.py",
         description="Write class-bucketed WebDataset shards (one class per shard) and a manifest.json "
-                    "to a local directory or any fsspec URL such as s3://bucket/prefix.",
+        "to a local directory or any fsspec URL such as s3://bucket/prefix.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("source", help="'digits' (scikit-learn's bundled 8x8 digits, 10 classes, 1,797 images) "
-                                       "or the path of an ImageFolder tree: one sub-folder of images per class")
-    parser.add_argument("--out", required=True, help="output root: a local directory or a URL such as "
-                                                     "s3://bucket/prefix; manifest.json and shards/ go there")
-    parser.add_argument("--image-size", type=int, default=32, help="side S of the stored square images: "
-                        "digits are resized to SxS, folder images resized (shorter side S) and centre-cropped")
-    parser.add_argument("--encode", choices=["pixels", "vae"], default="pixels",
-                        help="'pixels' stores uint8 images; 'vae' stores SD-VAE latent moments (mean, logvar) "
-                             "of each image and of its horizontal flip (needs --vae and the `vae` extra)")
-    parser.add_argument("--vae", metavar="PATH", help="directory loadable by diffusers' "
-                        "AutoencoderKL.from_pretrained (required with --encode vae)")
-    parser.add_argument("--vae-batch-size", type=int, default=32, help="images per VAE forward pass")
-    parser.add_argument("--latent-dtype", choices=["float32", "float16"], default="float32",
-                        help="dtype of the stored latent moments (--encode vae)")
-    parser.add_argument("--device", default="auto", help="device for the VAE: auto (CUDA when present), cpu, cuda:0, ...")
-    parser.add_argument("--shard-size", type=parse_size, default="256MB",
-                        help="upper bound on a shard's size (units B, KB, MB, GB, KiB, MiB, GiB); a class "
-                             "larger than this spans several near-equal shards")
-    parser.add_argument("--min-per-class", type=int, metavar="N", help="drop (and report) classes with fewer "
-                        "than N images instead of writing them; by default every class is kept")
-    parser.add_argument("--workers", type=int, default=1, help="parallel processes: whole shards with "
-                        "--encode pixels, image decoding with --encode vae")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-class shuffle before sharding")
-    parser.add_argument("--endpoint-url", help="endpoint of an S3-compatible store (MinIO, Ceph, a local "
-                        "moto_server, ...) for s3:// outputs; credentials come from the AWS environment")
+    parser.add_argument(
+        "source",
+        help="'digits' (scikit-learn's bundled 8x8 digits, 10 classes, 1,797 images) "
+        "or the path of an ImageFolder tree: one sub-folder of images per class",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output root: a local directory or a URL such as "
+        "s3://bucket/prefix; manifest.json and shards/ go there",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="side S of the stored square images: "
+        "digits are resized to SxS, folder images resized (shorter side S) and centre-cropped",
+    )
+    parser.add_argument(
+        "--encode",
+        choices=["pixels", "vae"],
+        default="pixels",
+        help="'pixels' stores uint8 images; 'vae' stores SD-VAE latent moments (mean, logvar) "
+        "of each image and of its horizontal flip (needs --vae and the `vae` extra)",
+    )
+    parser.add_argument(
+        "--vae",
+        metavar="PATH",
+        help="directory loadable by diffusers' "
+        "AutoencoderKL.from_pretrained (required with --encode vae)",
+    )
+    parser.add_argument(
+        "--vae-batch-size", type=int, default=32, help="images per VAE forward pass"
+    )
+    parser.add_argument(
+        "--latent-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="dtype of the stored latent moments (--encode vae)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="device for the VAE: auto (CUDA when present), cpu, cuda:0, ...",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=parse_size,
+        default="256MB",
+        help="upper bound on a shard's size (units B, KB, MB, GB, KiB, MiB, GiB); a class "
+        "larger than this spans several near-equal shards",
+    )
+    parser.add_argument(
+        "--min-per-class",
+        type=int,
+        metavar="N",
+        help="drop (and report) classes with fewer "
+        "than N images instead of writing them; by default every class is kept",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="parallel processes: whole shards with "
+        "--encode pixels, image decoding with --encode vae",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the per-class shuffle before sharding"
+    )
+    parser.add_argument(
+        "--endpoint-url",
+        help="endpoint of an S3-compatible store (MinIO, Ceph, a local "
+        "moto_server, ...) for s3:// outputs; credentials come from the AWS environment",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -95,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     from arflow.data.encoders import PixelEncoder, VaeEncoder
     from arflow.data.sources import make_source
 
-    storage_options = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+    storage_options = (
+        {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+    )
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:  # torchrun: gloo is enough to exchange shard records
         dist.init_process_group("gloo")
@@ -107,18 +167,36 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         source = make_source(args.source, args.image_size)
-        encoder = (VaeEncoder(args.vae, args.image_size, device=args.device, batch_size=args.vae_batch_size,
-                              dtype=args.latent_dtype)
-                   if args.encode == "vae" else PixelEncoder(args.image_size))
+        encoder = (
+            VaeEncoder(
+                args.vae,
+                args.image_size,
+                device=args.device,
+                batch_size=args.vae_batch_size,
+                dtype=args.latent_dtype,
+            )
+            if args.encode == "vae"
+            else PixelEncoder(args.image_size)
+        )
         manifest = build_shards(
-            source, encoder, args.out, shard_size=args.shard_size, min_per_class=args.min_per_class,
-            workers=args.workers, seed=args.seed, storage_options=storage_options, rank=rank,
-            world_size=world_size, progress=not args.no_progress,
+            source,
+            encoder,
+            args.out,
+            shard_size=args.shard_size,
+            min_per_class=args.min_per_class,
+            workers=args.workers,
+            seed=args.seed,
+            storage_options=storage_options,
+            rank=rank,
+            world_size=world_size,
+            progress=not args.no_progress,
             **({"gather": gather} if world_size > 1 else {}),
         )
         if manifest is not None:
-            print(f"wrote {manifest.url}: {manifest.num_classes} classes, {sum(manifest.counts)} samples, "
-                  f"{len(manifest.shards)} shards, sample shape {list(manifest.sample_shape)} ({manifest.encoding})")
+            print(
+                f"wrote {manifest.url}: {manifest.num_classes} classes, {sum(manifest.counts)} samples, "
+                f"{len(manifest.shards)} shards, sample shape {list(manifest.sample_shape)} ({manifest.encoding})"
+            )
         if world_size > 1:
             dist.barrier()  # gloo: destroying right after a collective can abort a peer still inside it
     finally:

@@ -6,4 +6,13 @@ from .checkpoint import CheckpointManager
 from .ema import EMA
 from .env import DistInfo, init_distributed, shutdown
 
-__all__ = ["Backend", "CheckpointManager", "DistInfo", "EMA", "StepResult", "build_backend", "init_distributed", "shutdown"]
+__all__ = [
+    "Backend",
+    "CheckpointManager",
+    "DistInfo",
+    "EMA",
+    "StepResult",
+    "build_backend",
+    "init_distributed",
+    "shutdown",
+]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -86,7 +86,9 @@ class Backend(ABC):
 
     # -------------------------------------------------------------------------- training
     @abstractmethod
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn, lr: float) -> StepResult:
+    def train_step(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn, lr: float
+    ) -> StepResult:
         """Forward/backward over the micro-batches, then one optimizer step at `lr` unless a
         loss or the gradient is non-finite on any rank."""
 
@@ -112,7 +114,9 @@ class Backend(ABC):
         same `path` (False when each rank downloaded its own copy of a remote checkpoint)."""
 
 
-def build_backend(module: nn.Module, cfg: Config, info: DistInfo, reshard_resume: bool = False) -> Backend:
+def build_backend(
+    module: nn.Module, cfg: Config, info: DistInfo, reshard_resume: bool = False
+) -> Backend:
     """Parallelize `module` (on CPU, fp32, freshly initialised) with the configured backend.
     `reshard_resume`: the run will load a checkpoint written with another world size or ZeRO
     stage (DeepSpeed must know before it builds its optimizer)."""

@@ -19,8 +19,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import fsspec
 import torch.distributed as dist
@@ -84,7 +84,9 @@ class CheckpointManager:
             other = CheckpointManager(url, self.info, self.keep_last)
             steps = other.complete_steps()
             if not steps:
-                raise FileNotFoundError(f"no complete checkpoint at {url} (a step_* directory with {META})")
+                raise FileNotFoundError(
+                    f"no complete checkpoint at {url} (a step_* directory with {META})"
+                )
             return other.latest()
         with fs.open(f"{path.rstrip('/')}/{META}") as f:
             meta = json.load(f)

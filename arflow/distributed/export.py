@@ -18,7 +18,9 @@ from arflow.models import ARFlow
 from arflow.models.pretrained import architecture_of
 
 
-def read_trainer_checkpoint(ckpt: str, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def read_trainer_checkpoint(
+    ckpt: str, use_ema: bool = True
+) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """`ckpt`: a step directory or a checkpoint root (its newest complete step); local or URL.
     Returns (state dict of the EMA or the raw weights, constructor arguments, training config)."""
     found = CheckpointManager(ckpt, info=None, keep_last=1).find(ckpt)

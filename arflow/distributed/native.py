@@ -25,8 +25,8 @@ from arflow.distributed.backend import (
     StepResult,
     checkpoint_blocks,
     make_optimizer,
-    param_groups,
     mean_across_ranks,
+    param_groups,
 )
 from arflow.distributed.env import DistInfo
 
@@ -84,7 +84,8 @@ class NativeBackend(Backend):
     @torch.no_grad()
     def gather_full(self, tensors):
         return {
-            n: (t.full_tensor() if isinstance(t, DTensor) else t).detach() for n, t in tensors.items()
+            n: (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+            for n, t in tensors.items()
         }
 
     # ------------------------------------------------------------------------ checkpoints
@@ -139,7 +140,9 @@ class FSDP2Backend(NativeBackend):
         mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         for i, block in enumerate(module.blocks):
             # The last block's parameters are needed again at once by backward: keep them.
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(module.blocks) - 1)
+            fully_shard(
+                block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(module.blocks) - 1
+            )
         fully_shard(module, mesh=mesh, mp_policy=mp)
         return module
 

@@ -81,7 +81,9 @@ def deepspeed_config(cfg: Config, world_size: int, dtype: torch.dtype, universal
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
-    def __init__(self, module: nn.Module, cfg: Config, info: DistInfo, universal_resume: bool = False):
+    def __init__(
+        self, module: nn.Module, cfg: Config, info: DistInfo, universal_resume: bool = False
+    ):
         super().__init__(module, cfg, info)
         self.stage = cfg.parallel.zero_stage
         if cfg.parallel.activation_checkpointing:
@@ -89,7 +91,9 @@ class DeepSpeedBackend(Backend):
         if self.dtype != torch.float32:
             # The module holds bf16 weights; inputs (images, noise levels) arrive in fp32.
             module.register_forward_pre_hook(self._cast_inputs)
-        self.optimizer = make_optimizer(param_groups(module, cfg.optim.weight_decay), cfg, SkippableAdamW)
+        self.optimizer = make_optimizer(
+            param_groups(module, cfg.optim.weight_decay), cfg, SkippableAdamW
+        )
         self.ds_config = deepspeed_config(cfg, info.world_size, self.dtype, universal_resume)
         self.model, _, _, _ = deepspeed.initialize(
             model=module.to(info.device), optimizer=self.optimizer, config=self.ds_config
@@ -98,7 +102,9 @@ class DeepSpeedBackend(Backend):
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
     def _cast_inputs(self, module, args):
-        return tuple(a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        return tuple(
+            a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args
+        )
 
     def train_step(self, batches, loss_fn: LossFn, lr: float) -> StepResult:
         losses = []
@@ -147,7 +153,9 @@ class DeepSpeedBackend(Backend):
         for name, local in tensors.items():
             p = self.trainable[name]
             if self.stage == 3:
-                buf = torch.empty(local.numel() * self.info.world_size, dtype=local.dtype, device=local.device)
+                buf = torch.empty(
+                    local.numel() * self.info.world_size, dtype=local.dtype, device=local.device
+                )
                 dist.all_gather_into_tensor(buf, local.detach().clone())
                 full[name] = buf[: p.ds_numel].view(p.ds_shape)
             else:
@@ -171,7 +179,10 @@ class DeepSpeedBackend(Backend):
         self.model.save_checkpoint(path, tag=TAG, save_latest=False)
         full = self.gather_full(ema)
         if self.info.is_main:
-            save_file({n: t.detach().cpu().contiguous() for n, t in full.items()}, os.path.join(path, "ema.safetensors"))
+            save_file(
+                {n: t.detach().cpu().contiguous() for n, t in full.items()},
+                os.path.join(path, "ema.safetensors"),
+            )
             with open(os.path.join(path, "deepspeed_config.json"), "w") as f:
                 json.dump(self.ds_config, f, indent=2)
 

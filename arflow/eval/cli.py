@@ -21,8 +21,11 @@ from .reference import image_set_stats, stats_file_or_images
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inception-weights", help="torch-fidelity InceptionV3 weights file "
-                        "(default: torch-fidelity's cache, downloaded there when online)")
+    parser.add_argument(
+        "--inception-weights",
+        help="torch-fidelity InceptionV3 weights file "
+        "(default: torch-fidelity's cache, downloaded there when online)",
+    )
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--no-progress", action="store_true")
     # deepspeed's launcher appends --local_rank; the rank comes from the environment.
@@ -32,11 +35,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def evaluate_main(argv: list[str] | None = None) -> dict:
     """launchers/evaluate.py: FID / IS of a checkpoint; rank 0 prints the result as JSON."""
     parser = argparse.ArgumentParser(description=evaluate_main.__doc__)
-    parser.add_argument("--ckpt", required=True,
-                        help="trainer checkpoint directory (EMA weights), exported .safetensors, or a plain state dict (.safetensors/.pt)")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="trainer checkpoint directory (EMA weights), exported .safetensors, or a plain state dict (.safetensors/.pt)",
+    )
     parser.add_argument("--config", help="run config JSON (its model and eval sections)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. eval.num_samples=10000 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. eval.num_samples=10000 (repeatable)",
+    )
     parser.add_argument("--save-npz", help="also write the samples as an ADM .npz (arr_0 NHWC)")
     parser.add_argument("--out", help="also write the result JSON to this file (rank 0)")
     _common(parser)
@@ -52,7 +63,10 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     try:
         model = load_model(args.ckpt, cfg.model, info.device)
         result = evaluate(
-            model, eval_cfg, device=info.device, progress=not args.no_progress,
+            model,
+            eval_cfg,
+            device=info.device,
+            progress=not args.no_progress,
             save_npz=args.save_npz,
         )
         if info.is_main:
@@ -86,8 +100,9 @@ def fid_main(argv: list[str] | None = None) -> None:
         return
     info = init_distributed(args.device)
     try:
-        kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers,
-                      progress=not args.no_progress)
+        kwargs = dict(
+            batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress
+        )
         a = stats_file_or_images(args.a, args.inception_weights, info.device, **kwargs)
         b = stats_file_or_images(args.b, args.inception_weights, info.device, **kwargs)
         if info.is_main:
@@ -99,11 +114,16 @@ def fid_main(argv: list[str] | None = None) -> None:
 def fid_reference_main(argv: list[str] | None = None) -> None:
     """tools/fid_reference.py: reference statistics of a dataset at the model's resolution."""
     parser = argparse.ArgumentParser(description=fid_reference_main.__doc__)
-    parser.add_argument("src", help="shard set (directory with manifest.json or URL) or image folder")
+    parser.add_argument(
+        "src", help="shard set (directory with manifest.json or URL) or image folder"
+    )
     parser.add_argument("--out", required=True, help="statistics .npz (keys mu, sigma)")
-    parser.add_argument("--resolution", type=int,
-                        help="resize + centre-crop every image to this size first, as ADM's "
-                             "reference batches do (needed for folders of mixed sizes)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help="resize + centre-crop every image to this size first, as ADM's "
+        "reference batches do (needed for folders of mixed sizes)",
+    )
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
     _common(parser)
@@ -116,8 +136,12 @@ def _stats_command(args: argparse.Namespace, resolution: int | None) -> None:
     try:
         inception = InceptionFeatures(args.inception_weights, info.device)
         stats = image_set_stats(
-            args.src, inception, batch_size=args.batch_size, resolution=resolution,
-            num_workers=args.num_workers, progress=not args.no_progress,
+            args.src,
+            inception,
+            batch_size=args.batch_size,
+            resolution=resolution,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
         )
         if info.is_main:
             stats.save(args.out)

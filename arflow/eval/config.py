@@ -55,7 +55,7 @@ class EvalConfig:
             raise ValueError(f"eval.latent_scale must be > 0, got {self.latent_scale}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EvalConfig":
+    def from_dict(cls, d: dict) -> EvalConfig:
         """Build from the config's "eval" mapping; "sampler" may be a nested mapping.
 
         Raises ValueError naming any unknown key (eval.<key> or eval.sampler.<key>).
@@ -79,6 +79,4 @@ def _reject_unknown(cls, d: dict, where: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in d:
         if key not in known:
-            raise ValueError(
-                f"unknown key {where}.{key}; known keys: {', '.join(sorted(known))}"
-            )
+            raise ValueError(f"unknown key {where}.{key}; known keys: {', '.join(sorted(known))}")

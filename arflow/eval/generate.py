@@ -7,7 +7,7 @@ label, its seed and the weights, so the set is the same for every world size and
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

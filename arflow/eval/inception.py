@@ -18,7 +18,10 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    FeatureExtractorInceptionV3,
+)
 
 POOL_DIM = 2048
 NUM_LOGITS = 1008
@@ -119,7 +122,9 @@ def write_random_weights(path: str | Path, seed: int = 0) -> Path:
         empty = Path(tmp) / "empty.pth"
         torch.save({}, empty)
         # The constructor always loads weights; skip that once to get the bare module.
-        with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        with mock.patch.object(
+            FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None
+        ):
             net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(empty))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

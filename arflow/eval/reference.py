@@ -37,7 +37,9 @@ def image_set_stats(
             bar.update(images.shape[0] * world_size)  # the other ranks keep the same pace
     stats.all_reduce()
     if stats.count.item() < 2:
-        raise ValueError(f"{src} holds {int(stats.count.item())} image(s); FID statistics need >= 2")
+        raise ValueError(
+            f"{src} holds {int(stats.count.item())} image(s); FID statistics need >= 2"
+        )
     return stats
 
 

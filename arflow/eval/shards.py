@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -43,7 +43,10 @@ def shard_batches(
     batch = []
     for shard in manifest.shards[rank::world_size]:
         for _, image in iter_shard(
-            shard, dtype=manifest.stored_dtype, shape=manifest.stored_shape, on_bad=on_bad,
+            shard,
+            dtype=manifest.stored_dtype,
+            shape=manifest.stored_shape,
+            on_bad=on_bad,
             storage_options=storage_options,
         ):
             if image is None:

@@ -44,7 +44,12 @@ class FeatureStats:
     ):
         if splits and not num_samples:
             raise ValueError("Inception Score splits need num_samples to place samples in them")
-        self.num_samples, self.splits, self.dim, self.num_logits = num_samples, splits, dim, num_logits
+        self.num_samples, self.splits, self.dim, self.num_logits = (
+            num_samples,
+            splits,
+            dim,
+            num_logits,
+        )
         sizes = [1, dim, dim * dim, splits, splits, splits * num_logits]
         self.buffer = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
         parts = self.buffer.split(sizes)
@@ -54,7 +59,10 @@ class FeatureStats:
         self.split_prob_sum = parts[5].view(splits, num_logits)
 
     def update(
-        self, pool: torch.Tensor, logits: torch.Tensor | None = None, indices: torch.Tensor | None = None
+        self,
+        pool: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
     ) -> None:
         """Add a batch. pool: (B, D); logits: (B, K) and indices: (B,) global sample indices,
         both required when IS splits are kept."""
@@ -100,7 +108,7 @@ class FeatureStats:
             flat = flat.cpu()
         dist.all_reduce(flat)  # one collective: the whole evaluation's statistics and timings
         self.buffer.copy_(flat[: self.buffer.numel()])
-        return None if extra is None else flat[self.buffer.numel():].to(extra.device)
+        return None if extra is None else flat[self.buffer.numel() :].to(extra.device)
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu (D,), sigma (D, D)) as float64 numpy; sigma uses n - 1 like numpy.cov."""

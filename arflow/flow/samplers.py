@@ -22,8 +22,8 @@ on its label, seed and the weights only, not on which other samples share its ba
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -45,7 +45,9 @@ class SamplerConfig:
         if self.method not in METHODS:
             raise ValueError(f"sampler method must be one of {METHODS}, got {self.method!r}")
         if self.steps < 1 or (self.method == "sde" and self.steps < 2):
-            raise ValueError(f"sampler steps must be >= {2 if self.method == 'sde' else 1}, got {self.steps}")
+            raise ValueError(
+                f"sampler steps must be >= {2 if self.method == 'sde' else 1}, got {self.steps}"
+            )
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.cfg_channels is not None and self.cfg_channels < 1:
@@ -163,13 +165,15 @@ def sample(
     noise = SampleNoise(seeds, shape, device)
     velocity = GuidedVelocity(model, labels.to(device), config)
     x = noise.draw()
-    steps = sde_steps(velocity, x, noise, config) if config.method == "sde" else ode_steps(
-        velocity, x, config
+    steps = (
+        sde_steps(velocity, x, noise, config)
+        if config.method == "sde"
+        else ode_steps(velocity, x, config)
     )
     was_training = model.training
     model.eval()
     try:
-        for x in tqdm(steps, total=config.steps, disable=not progress, desc="sampling"):
+        for x in tqdm(steps, total=config.steps, disable=not progress, desc="sampling"):  # noqa: B007 (the last iterate is the sample)
             pass
     finally:
         model.train(was_training)

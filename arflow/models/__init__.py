@@ -1,6 +1,6 @@
 """ARFlow models: the backbone, its hybrid attention and the model zoo."""
 
-from .arflow import ARFlow, ARFlowBlock, ARFlowState, MODEL_NAMES, create_model, model_kwargs
+from .arflow import MODEL_NAMES, ARFlow, ARFlowBlock, ARFlowState, create_model, model_kwargs
 from .hybrid_attention import HybridAttention
 from .pretrained import architecture_of, infer_architecture, load_pretrained, save_pretrained
 

@@ -101,7 +101,9 @@ class ARFlow(nn.Module):
         grid = input_size // patch_size
         # A fixed table, stored as a frozen parameter (not a buffer) so released checkpoints,
         # which contain it, load with strict=True.
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(hidden_size, grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(
+            sincos_pos_embed_2d(hidden_size, grid)[None], requires_grad=False
+        )
         self.blocks = nn.ModuleList(
             ARFlowBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
         )
@@ -143,13 +145,15 @@ class ARFlow(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"x must be (B, S, C, H, W), got shape {tuple(x.shape)}")
         B, S, C, H, W = x.shape
-        if C != self.in_channels:
-            raise ValueError(f"x has {C} channels, the model expects in_channels={self.in_channels}")
+        if self.in_channels != C:
+            raise ValueError(
+                f"x has {C} channels, the model expects in_channels={self.in_channels}"
+            )
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(
                 f"image size {H}x{W} is not divisible by the patch size {self.patch_size}"
             )
-        if H != self.input_size or W != self.input_size:
+        if self.input_size != H or self.input_size != W:
             raise ValueError(
                 f"image size {H}x{W} does not match the model's input_size={self.input_size}"
             )
@@ -255,7 +259,9 @@ def model_kwargs(name: str) -> dict:
         if patch not in (2, 4, 8):
             raise KeyError(patch)
     except (KeyError, ValueError):
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}") from None
+        raise ValueError(
+            f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}"
+        ) from None
     heads = heads2 if patch == 2 else heads48
     return dict(patch_size=patch, depth=depth, hidden_size=hidden, num_heads=heads)
 

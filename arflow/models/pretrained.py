@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .arflow import ARFlow, MODEL_NAMES, model_kwargs
+from .arflow import MODEL_NAMES, ARFlow, model_kwargs
 
 ARCH_KEY = "arflow.architecture"
 NAME_KEY = "arflow.model"
@@ -54,8 +54,14 @@ def infer_architecture(state: dict[str, torch.Tensor], class_dropout_prob: float
     The embedding table has num_classes + 1 rows when the model was trained with label dropout
     (the null class); `class_dropout_prob` says which case applies (the release used 0.1).
     """
-    required = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
-                "final_layer.linear.weight", "blocks.0.attn.gt_proj.weight", "blocks.0.mlp.fc1.weight")
+    required = (
+        "x_embedder.proj.weight",
+        "pos_embed",
+        "y_embedder.embedding_table.weight",
+        "final_layer.linear.weight",
+        "blocks.0.attn.gt_proj.weight",
+        "blocks.0.mlp.fc1.weight",
+    )
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"not an ARFlow state dict: missing {', '.join(missing)}")
@@ -106,7 +112,9 @@ def save_pretrained(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata
+    )
     tmp.replace(path)  # never leave a half-written file under the final name
     return path
 
@@ -180,5 +188,5 @@ def read_official_checkpoint(path: str | Path, use_ema: bool = True) -> dict[str
     # Weights saved from a DDP- or torch.compile-wrapped model carry a prefix.
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state

@@ -36,7 +36,9 @@ def digit_classifier(seed: int = 0):
 
     digits = load_digits()
     images, labels = digits.images, digits.target
-    x_train, x_test, y_train, y_test = train_test_split(images, labels, test_size=0.5, random_state=seed, stratify=labels)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=0.5, random_state=seed, stratify=labels
+    )
     x_train = np.concatenate([x_train, x_train[:, :, ::-1]])
     y_train = np.concatenate([y_train, y_train])
     x_test = np.concatenate([x_test, x_test[:, :, ::-1]])
@@ -57,7 +59,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--samples", type=int, default=1000, help="samples for the class-consistency")
+    parser.add_argument(
+        "--samples", type=int, default=1000, help="samples for the class-consistency"
+    )
     parser.add_argument("--method", default="euler", choices=["sde", "euler", "heun"])
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)

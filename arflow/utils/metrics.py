@@ -54,15 +54,21 @@ class MetricsLogger:
             return
         self.dir = Path(cfg.run.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.dir / "metrics.jsonl", "a")
+        self.file = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run; close())
         if cfg.logging.progress:
-            self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc=cfg.run.name, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=cfg.train.steps, initial=start_step, desc=cfg.run.name, dynamic_ncols=True
+            )
         if cfg.logging.wandb:
             import wandb
 
             os.environ.setdefault("WANDB_DIR", str(self.dir))
             id_file = self.dir / "wandb_id"  # one wandb run across resumes
-            run_id = id_file.read_text().strip() if resumed and id_file.exists() else uuid.uuid4().hex[:8]
+            run_id = (
+                id_file.read_text().strip()
+                if resumed and id_file.exists()
+                else uuid.uuid4().hex[:8]
+            )
             id_file.write_text(run_id)
             self.wandb = wandb.init(
                 project=cfg.logging.project,

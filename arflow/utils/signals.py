@@ -20,7 +20,7 @@ class PreemptionFlag:
         self.received: int | None = None
         self._previous = {}
 
-    def install(self) -> "PreemptionFlag":
+    def install(self) -> PreemptionFlag:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)

@@ -7,7 +7,16 @@ import torch
 
 
 class SyntheticLoader:
-    def __init__(self, *, sample_shape, num_classes: int, seq_len: int, batch_size: int, rank: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        sample_shape,
+        num_classes: int,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        seed: int = 0,
+    ):
         self.sample_shape = tuple(sample_shape)
         self.num_classes = num_classes
         self.seq_len = seq_len
@@ -26,7 +35,9 @@ class SyntheticLoader:
         while True:
             # Each batch is a function of (seed, rank, index) alone: resuming is exact.
             g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.index)) % 2**63)
-            x = torch.randn((self.batch_size, self.seq_len, *self.sample_shape), generator=g).clamp_(-1, 1)
+            x = torch.randn(
+                (self.batch_size, self.seq_len, *self.sample_shape), generator=g
+            ).clamp_(-1, 1)
             y = torch.randint(self.num_classes, (self.batch_size,), generator=g)
             self.index += 1
             yield x, y

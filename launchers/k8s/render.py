@@ -30,23 +30,46 @@ PVC_MOUNT = "/mnt/arflow"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--variant", choices=("pytorchjob", "job"), default="pytorchjob")
     p.add_argument("--name", required=True, help="job name (DNS label: lowercase, digits, '-')")
     p.add_argument("--namespace", default=None)
-    p.add_argument("--image", required=True, help="container image with arflow installed (workdir = repo root)")
+    p.add_argument(
+        "--image", required=True, help="container image with arflow installed (workdir = repo root)"
+    )
     p.add_argument("--nodes", type=int, required=True, help="pods (one per node)")
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per pod = processes per pod")
+    p.add_argument(
+        "--gpus-per-node", type=int, required=True, help="GPUs per pod = processes per pod"
+    )
     p.add_argument("--min-nodes", type=int, help="elastic minimum (pytorchjob; default: --nodes)")
     p.add_argument("--max-restarts", type=int, default=3, help="torchrun / Job restarts on failure")
     p.add_argument("--config", default="configs/xl_256.json", help="config path inside the image")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--checkpoint-dir", help="checkpoint.dir: s3://bucket/prefix or a path under the PVC mount")
-    p.add_argument("--pvc", help=f"PersistentVolumeClaim mounted at {PVC_MOUNT} (runs, checkpoints)")
-    p.add_argument("--s3-secret", help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_DEFAULT_REGION)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (repeatable)",
+    )
+    p.add_argument(
+        "--checkpoint-dir", help="checkpoint.dir: s3://bucket/prefix or a path under the PVC mount"
+    )
+    p.add_argument(
+        "--pvc", help=f"PersistentVolumeClaim mounted at {PVC_MOUNT} (runs, checkpoints)"
+    )
+    p.add_argument(
+        "--s3-secret",
+        help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_DEFAULT_REGION)",
+    )
     p.add_argument("--s3-endpoint", help="AWS_ENDPOINT_URL for S3-compatible stores")
-    p.add_argument("--grace-period", type=int, default=300,
-                   help="terminationGracePeriodSeconds: time to finish a step and save (default 300)")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=300,
+        help="terminationGracePeriodSeconds: time to finish a step and save (default 300)",
+    )
     p.add_argument("--shm-size", default="64Gi", help="size of the /dev/shm memory volume")
     p.add_argument("--cpu", default="32", help="CPU request per pod")
     p.add_argument("--memory", default="512Gi", help="memory request per pod")
@@ -70,7 +93,11 @@ def rendezvous_host(args) -> str:
 
 
 def train_command(args) -> list[str]:
-    nnodes = f"{args.min_nodes}:{args.nodes}" if args.min_nodes and args.min_nodes != args.nodes else str(args.nodes)
+    nnodes = (
+        f"{args.min_nodes}:{args.nodes}"
+        if args.min_nodes and args.min_nodes != args.nodes
+        else str(args.nodes)
+    )
     cmd = [
         "torchrun",
         f"--nnodes={nnodes}",
@@ -80,8 +107,10 @@ def train_command(args) -> list[str]:
         f"--rdzv_id={args.name}",
         f"--max_restarts={args.max_restarts}",
         "launchers/train.py",
-        "--config", args.config,
-        "--resume", "auto",
+        "--config",
+        args.config,
+        "--resume",
+        "auto",
     ]
     overrides = list(args.set)
     if args.checkpoint_dir:
@@ -93,7 +122,10 @@ def train_command(args) -> list[str]:
 
 def container(args) -> dict:
     env = [
-        {"name": "TORCHELASTIC_SIGNALS_TO_HANDLE", "value": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"},
+        {
+            "name": "TORCHELASTIC_SIGNALS_TO_HANDLE",
+            "value": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        },
         # torchrun waits this long for the trainers to save before it kills them.
         {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(args.grace_period - 10)},
     ]
@@ -109,7 +141,11 @@ def container(args) -> dict:
         "env": env,
         "ports": [{"name": "rdzv", "containerPort": RDZV_PORT}],
         "resources": {
-            "requests": {"cpu": args.cpu, "memory": args.memory, "nvidia.com/gpu": args.gpus_per_node},
+            "requests": {
+                "cpu": args.cpu,
+                "memory": args.memory,
+                "nvidia.com/gpu": args.gpus_per_node,
+            },
             "limits": {"nvidia.com/gpu": args.gpus_per_node},
         },
         "volumeMounts": mounts,
@@ -132,7 +168,10 @@ def pod_spec(args, restart_policy: str) -> dict:
 
 
 def metadata(args, **extra) -> dict:
-    meta = {"name": args.name, "labels": {"app.kubernetes.io/name": "arflow", "arflow/job": args.name}}
+    meta = {
+        "name": args.name,
+        "labels": {"app.kubernetes.io/name": "arflow", "arflow/job": args.name},
+    }
     if args.namespace:
         meta["namespace"] = args.namespace
     meta.update(extra)
@@ -144,28 +183,33 @@ def pytorchjob(args) -> list[dict]:
         return {
             "replicas": count,
             "restartPolicy": "OnFailure",
-            "template": {"metadata": {"labels": {"arflow/job": args.name}}, "spec": pod_spec(args, "OnFailure")},
+            "template": {
+                "metadata": {"labels": {"arflow/job": args.name}},
+                "spec": pod_spec(args, "OnFailure"),
+            },
         }
 
     replicas = {"Master": replica(1)}
     if args.nodes > 1:
         replicas["Worker"] = replica(args.nodes - 1)
-    return [{
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
-        "metadata": metadata(args),
-        "spec": {
-            "nprocPerNode": str(args.gpus_per_node),
-            "elasticPolicy": {
-                "rdzvBackend": "c10d",
-                "rdzvPort": RDZV_PORT,
-                "minReplicas": args.min_nodes or args.nodes,
-                "maxReplicas": args.nodes,
-                "maxRestarts": args.max_restarts,
+    return [
+        {
+            "apiVersion": "kubeflow.org/v1",
+            "kind": "PyTorchJob",
+            "metadata": metadata(args),
+            "spec": {
+                "nprocPerNode": str(args.gpus_per_node),
+                "elasticPolicy": {
+                    "rdzvBackend": "c10d",
+                    "rdzvPort": RDZV_PORT,
+                    "minReplicas": args.min_nodes or args.nodes,
+                    "maxReplicas": args.nodes,
+                    "maxRestarts": args.max_restarts,
+                },
+                "pytorchReplicaSpecs": replicas,
             },
-            "pytorchReplicaSpecs": replicas,
-        },
-    }]
+        }
+    ]
 
 
 def indexed_job(args) -> list[dict]:
