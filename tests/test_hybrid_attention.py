@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import randomize
 
 from arflow.models import HybridAttention
 from arflow.models.hybrid_attention import inter_image_parallel
-
-from tiny_models import randomize
 
 B, S, N, D, H = 2, 5, 12, 32, 4
 
@@ -24,13 +23,26 @@ def attn():
     return randomize(HybridAttention(D, H), seed=1, std=0.3)
 
 
+def heads_scaled(module: HybridAttention) -> HybridAttention:
+    """Multiply head h's q/k/v projection rows by h + 1: trained heads have unequal scales, and
+    only then does a norm over the full width differ from a norm per head."""
+    d = D // H
+    with torch.no_grad():
+        for proj in (module.q_proj, module.k_proj, module.v_proj):
+            proj.weight.view(H, d, D).mul_(torch.arange(1, H + 1.0)[:, None, None])
+    return module
+
+
 def assert_rel_close(a, b, rel):
     err = (a - b).abs().max() / b.abs().max()
     assert err < rel, f"relative error {err:.2e} > {rel:.0e}"
 
 
+@pytest.mark.parametrize("scaled_heads", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_parallel_recurrent_naive_agree(attn, with_state):
+def test_parallel_recurrent_naive_agree(attn, with_state, scaled_heads):
+    if scaled_heads:
+        attn = heads_scaled(attn)
     h, c, state = make_inputs()
     init = state if with_state else None
     out_p, final_p = attn(h, c, init, form="parallel")
@@ -126,3 +138,40 @@ def test_bf16_autocast_close_to_fp32(attn):
     assert final.dtype == torch.float32
     assert_rel_close(out.float(), ref, 5e-2)
     assert_rel_close(final, ref_final, 5e-2)
+
+
+def reference_one_image(attn: HybridAttention, h, c, state, norm_width: int):
+    """One image (S = 1) from the formula, with q/k/v RMS statistics taken over groups of
+    `norm_width` channels: D is the release's (full width), D // H would be per head."""
+    d = D // H
+
+    def rms(x, width):
+        g = x.unflatten(-1, (-1, width))
+        return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-6)).flatten(-2)
+
+    def split(x):  # (B, N, D) -> (B, H, N, d)
+        return x.unflatten(-1, (H, d)).transpose(1, 2)
+
+    x, cond = h[:, 0], c[:, 0]
+    q, k, v = (split(rms(p(x), norm_width)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    k = k / d**0.5
+    gamma = torch.nn.functional.logsigmoid(attn.gt_proj(x + cond[:, None])) / 16  # (B, N, H)
+    decay = gamma.transpose(1, 2).cumsum(-1).exp()[..., None]  # (B, H, N, 1)
+    mixed = torch.softmax(q @ k.transpose(-1, -2), -1) @ v + (q * decay) @ state
+    out = rms(mixed, d).transpose(1, 2).flatten(-2)  # output norm: per head
+    return attn.out_proj(torch.nn.functional.silu(attn.g_proj(x)) * out)
+
+
+def test_qkv_norm_spans_the_full_width(attn):
+    """The release normalises q, k and v over all D channels before the split into heads; a
+    per-head norm must fail this test (it differs by far more than the tolerance)."""
+    attn = heads_scaled(attn)
+    h, c, state = make_inputs()
+    with torch.no_grad():
+        out, _ = attn(h[:, :1], c[:, :1], state, form="recurrent")
+        full = reference_one_image(attn, h, c, state, norm_width=D)
+        per_head = reference_one_image(attn, h, c, state, norm_width=D // H)
+    assert_rel_close(out[:, 0], full, 1e-5)
+    assert (per_head - full).abs().max() / full.abs().max() > 1e-2, (
+        "the test cannot tell the two norms apart"
+    )

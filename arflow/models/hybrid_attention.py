@@ -1,7 +1,8 @@
 """Hybrid attention: softmax attention inside each image, a gated linear recurrence across images.
 
-For one head of dimension d and image s with N tokens (q, k, v are RMS-normalised projections of
-the modulated tokens h, and c_tok is the image's conditioning vector repeated over its tokens):
+For one head of dimension d and image s with N tokens (q, k, v are the projections of the
+modulated tokens h, each RMS-normalised over the full hidden width D and then split into heads,
+as the public release does; c_tok is the image's conditioning vector repeated over its tokens):
 
     k~_s          = k_s / sqrt(d)
     gamma_{s,i}   = logsigmoid((h_{s,i} + c_tok) W_gt) / 16               (<= 0, one per head)
@@ -45,9 +46,10 @@ FORMS = ("parallel", "recurrent", "naive")
 
 class Projections(NamedTuple):
     """Per-head projections of one or more images, head-major. Shapes with S images of N
-    tokens and H heads: q, k, v: (B, S, H, N, d), RMS-normalised, k NOT yet scaled by 1/sqrt(d)
-    (the scale is folded into the softmax and into the d x d state updates, which saves a pass
-    over k); gamma: (B, S, H, N) fp32; gate: (B, S, N, D).
+    tokens and H heads: q, k, v: (B, S, H, N, d), each RMS-normalised over the full width D
+    before the split into heads; k NOT yet scaled by 1/sqrt(d) (the scale is folded into the
+    softmax and into the d x d state updates, which saves a pass over k); gamma: (B, S, H, N)
+    fp32; gate: (B, S, N, D).
     """
 
     q: torch.Tensor
@@ -165,8 +167,12 @@ class HybridAttention(nn.Module):
         """
         B, S = h.shape[:2]
         if state is None:
-            state = h.new_zeros(B, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32)
+            state = h.new_zeros(
+                B, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32
+            )
         check_state(state, B, self.num_heads, self.head_dim)
+        if form == "naive":
+            return self.naive(h, c, state)
         p = self.project(h, c)
         if form == "parallel":
             mixed, state = self.parallel(p, state)
@@ -174,8 +180,6 @@ class HybridAttention(nn.Module):
             if S != 1:
                 raise ValueError(f"the recurrent form takes one image per call, got S={S}")
             mixed, state = self.recurrent(p, state)
-        elif form == "naive":
-            mixed, state = self.naive(p.q, p.k, p.v, p.gamma, state)
         else:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         return self.output(mixed, p.gate), state
@@ -185,8 +189,10 @@ class HybridAttention(nn.Module):
         H, d = self.num_heads, self.head_dim
         # Each projection runs through its own module (never by reading .weight here): sharding
         # engines such as ZeRO-3 gather a module's parameters only around its own forward.
+        # The norm spans all D channels jointly, before the split into heads: the release's
+        # weights were trained that way, and per-head statistics would give other outputs.
         q, k, v = (
-            rms_norm(proj(h).unflatten(-1, (H, d))).transpose(2, 3)  # (B, S, H, N, d) views
+            rms_norm(proj(h)).unflatten(-1, (H, d)).transpose(2, 3)  # (B, S, H, N, d) views
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         # (h + c) W_gt = h W_gt + c W_gt: the conditioning term is computed once per image.
@@ -213,27 +219,46 @@ class HybridAttention(nn.Module):
         inter, new_state = inter_image_step(p.q[:, 0], p.k[:, 0], p.v[:, 0], p.gamma[:, 0], state)
         return intra + inter[:, None], new_state
 
-    @staticmethod
-    @fp32_no_autocast
-    def naive(q, k, v, gamma, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference with explicit loops over images, heads and tokens; slow, for tests only."""
-        k = k / k.shape[-1] ** 0.5  # k~
-        B, S, H, N, d = q.shape
+    def naive(
+        self, h: torch.Tensor, c: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference: the math of the module docstring transcribed with explicit loops over
+        images, heads and tokens, straight from the weights and with its own norms (it shares
+        no code with `project` / `output`, so the tests compare two derivations). fp32, slow,
+        for tests only. h: (B, S, N, D), c: (B, S, D), state: (B, H, d, d)."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self._naive(h.float(), c.float(), state.float(), h.dtype)
+
+    def _naive(self, h, c, state, out_dtype):
+        B, S, N, D = h.shape
+        H, d, eps = self.num_heads, self.head_dim, 1e-6
+
+        def rms(x):  # over the last axis, no affine
+            return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+        def linear(module, x):
+            return x @ module.weight.float().T
+
+        # RMS statistics over all D channels of each token, then the split into heads.
+        q, k, v = (
+            rms(linear(m, h)).view(B, S, N, H, d) for m in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        k = k / d**0.5
+        gamma = F.logsigmoid(linear(self.gt_proj, h + c[:, :, None])) / self.gate_logit_normalizer
+        gate = F.silu(linear(self.g_proj, h))
         heads = list(state.unbind(1))  # H_s per head, (B, d, d)
         images = []
         for s in range(S):
-            per_head = []
+            mixed = h.new_zeros(B, N, H, d)
             for head in range(H):
-                qs, ks, vs = q[:, s, head], k[:, s, head], v[:, s, head]  # (B, N, d)
+                qs, ks, vs = q[:, s, :, head], k[:, s, :, head], v[:, s, :, head]  # (B, N, d)
                 intra = torch.softmax(qs @ ks.transpose(1, 2), dim=-1) @ vs
-                running = torch.zeros(B, device=q.device)
-                tokens = []
+                running = h.new_zeros(B)
                 for i in range(N):
-                    running = running + gamma[:, s, head, i]
+                    running = running + gamma[:, s, i, head]
                     inter = (qs[:, i] * running.exp()[:, None])[:, None] @ heads[head]
-                    tokens.append(intra[:, i] + inter[:, 0])
-                per_head.append(torch.stack(tokens, dim=1))
-                lam = gamma[:, s, head].mean(dim=1).exp()
+                    mixed[:, i, head] = intra[:, i] + inter[:, 0]
+                lam = gamma[:, s, :, head].mean(dim=1).exp()
                 heads[head] = lam[:, None, None] * heads[head] + ks.transpose(1, 2) @ vs
-            images.append(torch.stack(per_head, dim=1))
-        return torch.stack(images, dim=1), torch.stack(heads, dim=1)
+            images.append(linear(self.out_proj, gate[:, s] * rms(mixed).flatten(-2)))
+        return torch.stack(images, dim=1).to(out_dtype), torch.stack(heads, dim=1)
