@@ -33,12 +33,12 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from arflow.data import SequenceLoader, load_manifest
-from arflow.data.build import build_shards
-from arflow.data.encoders import PixelEncoder
 from arflow.data.manifest import MANIFEST_NAME, VERSION, Manifest, ShardInfo
 from arflow.data.shards import sample_key, write_shard
-from arflow.data.sources import DigitsSource
 from arflow.data.storage import RetryingReader, join_url, write_atomic
+from arflow.data.writing.build import build_shards
+from arflow.data.writing.encoders import PixelEncoder
+from arflow.data.writing.sources import DigitsSource
 
 
 def write_synthetic_latents(

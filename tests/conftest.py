@@ -113,9 +113,9 @@ def moto_server_factory(aws_env):
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory):
     """Digits at 8x8 pixels in shards of at most 64 KB (30 samples): every class spans 5-7 shards."""
-    from arflow.data.build import build_shards
-    from arflow.data.encoders import PixelEncoder
-    from arflow.data.sources import DigitsSource
+    from arflow.data.writing.build import build_shards
+    from arflow.data.writing.encoders import PixelEncoder
+    from arflow.data.writing.sources import DigitsSource
 
     out = str(tmp_path_factory.mktemp("digits8"))
     build_shards(DigitsSource(8), PixelEncoder(8), out, shard_size=64_000, progress=False)

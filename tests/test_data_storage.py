@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from arflow.data import RetryPolicy, SequenceLoader, load_manifest
-from arflow.data.build import build_shards
-from arflow.data.encoders import PixelEncoder
-from arflow.data.sources import DigitsSource
+from arflow.data.writing.build import build_shards
+from arflow.data.writing.encoders import PixelEncoder
+from arflow.data.writing.sources import DigitsSource
 
 
 class FaultyProxy:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from arflow.data.build import build_shards
-from arflow.data.encoders import PixelEncoder
-from arflow.data.sources import ImageFolderSource
+from arflow.data.writing.build import build_shards
+from arflow.data.writing.encoders import PixelEncoder
+from arflow.data.writing.sources import ImageFolderSource
 from arflow.distributed.env import free_port
 from arflow.eval import frechet_distance, load_reference
 from arflow.eval.cli import fid_main, fid_reference_main

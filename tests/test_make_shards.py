@@ -1,4 +1,4 @@
-"""tools/make_shards.py and arflow.data.build: layout, content, idempotence, VAE, S3, torchrun."""
+"""tools/make_shards.py and arflow.data.writing.build: layout, content, idempotence, VAE, S3, torchrun."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from arflow.data.build import build_shards
-from arflow.data.encoders import PixelEncoder, VaeEncoder
 from arflow.data.manifest import load_manifest
-from arflow.data.sources import DigitsSource, ImageFolderSource
+from arflow.data.writing.build import build_shards
+from arflow.data.writing.encoders import PixelEncoder, VaeEncoder
+from arflow.data.writing.sources import DigitsSource, ImageFolderSource
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "make_shards.py"

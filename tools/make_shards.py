@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     import torch.distributed as dist
 
-    from arflow.data.build import build_shards
-    from arflow.data.encoders import PixelEncoder, VaeEncoder
-    from arflow.data.sources import make_source
+    from arflow.data.writing.build import build_shards
+    from arflow.data.writing.encoders import PixelEncoder, VaeEncoder
+    from arflow.data.writing.sources import make_source
 
     storage_options = (
         {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None

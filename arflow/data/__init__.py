@@ -2,10 +2,12 @@
 
     from arflow.data import load_manifest, Manifest, SequenceLoader
 
-Modules: ``manifest`` (the shard set's description), ``shards`` (tar format, reading, writing),
-``storage`` (fsspec access with bounded retries), ``plan`` (what an epoch holds and who emits it),
-``sequences`` (one stream: shards -> sequences), ``loader`` (SequenceLoader: batches, resume),
-``sources`` / ``encoders`` / ``build`` (writing a shard set; see tools/make_shards.py).
+Shared by both sides: ``manifest`` (the shard set's description), ``shards`` (tar format, reading,
+writing), ``storage`` (fsspec access with bounded retries), ``errors``.
+Streaming side: ``plan`` (what an epoch holds and who emits it), ``sequences`` (one stream: shards ->
+sequences), ``loader`` (SequenceLoader: batches, resume).
+Writer side: the ``arflow.data.writing`` subpackage (image reading, sources, encoders, build; see
+tools/make_shards.py).
 """
 
 from arflow.data.errors import BadSampleWarning, DataError, ManifestError, ShardError, StorageError

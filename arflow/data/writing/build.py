@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arflow.data.encoders import PixelEncoder, VaeEncoder
+from arflow.data.writing.encoders import PixelEncoder, VaeEncoder
 from arflow.data.manifest import MANIFEST_NAME, VERSION, Manifest, ShardInfo
 from arflow.data.shards import record_bytes, sample_key, write_shard
-from arflow.data.sources import DigitsSource, ImageFolderSource
+from arflow.data.writing.sources import DigitsSource, ImageFolderSource
 from arflow.data.storage import RetryingReader, RetryPolicy, join_url, read_bytes, write_atomic
 
 log = logging.getLogger("arflow.data")
