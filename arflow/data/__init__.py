@@ -16,6 +16,14 @@ from arflow.data.manifest import Manifest, ShardInfo, load_manifest
 from arflow.data.storage import RetryPolicy
 
 __all__ = [
-    "BadSampleWarning", "DataError", "Manifest", "ManifestError", "RetryPolicy", "SequenceLoader", "ShardError",
-    "ShardInfo", "StorageError", "load_manifest",
+    "BadSampleWarning",
+    "DataError",
+    "Manifest",
+    "ManifestError",
+    "RetryPolicy",
+    "SequenceLoader",
+    "ShardError",
+    "ShardInfo",
+    "StorageError",
+    "load_manifest",
 ]

@@ -59,7 +59,7 @@ credentials raise StorageError naming the URL after bounded retries (see :mod:`a
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -109,17 +109,25 @@ class SequenceLoader:
         retry: RetryPolicy | None = None,
     ):
         if seq_len < 1 or batch_size < 1 or num_workers < 0 or open_shards < 1 or window < 1:
-            raise ValueError("seq_len, batch_size, open_shards and window must be >= 1, num_workers >= 0")
+            raise ValueError(
+                "seq_len, batch_size, open_shards and window must be >= 1, num_workers >= 0"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if class_sampling not in ("uniform", "proportional"):
-            raise ValueError(f"class_sampling must be 'uniform' or 'proportional', not {class_sampling!r}")
+            raise ValueError(
+                f"class_sampling must be 'uniform' or 'proportional', not {class_sampling!r}"
+            )
         streams_per_rank = max(num_workers, 1)
         if batch_size < streams_per_rank:
-            raise ValueError(f"batch_size {batch_size} < num_workers {num_workers}: every worker contributes "
-                             f"batch_size // num_workers sequences to each batch")
+            raise ValueError(
+                f"batch_size {batch_size} < num_workers {num_workers}: every worker contributes "
+                f"batch_size // num_workers sequences to each batch"
+            )
         if min_per_class is not None and min_per_class < seq_len:
-            raise ValueError(f"min_per_class {min_per_class} < seq_len {seq_len}: such classes cannot form a sequence")
+            raise ValueError(
+                f"min_per_class {min_per_class} < seq_len {seq_len}: such classes cannot form a sequence"
+            )
         retry = retry or RetryPolicy()
         self.manifest: Manifest = load_manifest(url, storage_options, retry)
         self._check_expectations(expect_shape, expect_encoding)
@@ -127,9 +135,16 @@ class SequenceLoader:
         self.batch_size, self.seq_len = batch_size, seq_len
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.max_bad_samples = max_bad_samples
-        self._plan_key = {"seq_len": seq_len, "class_sampling": class_sampling, "seed": seed, "window": window,
-                          "min_per_class": min_per_class}
-        self._options = ReadOptions(storage_options, retry, verify_checksums, max_bad_samples, return_meta)
+        self._plan_key = {
+            "seq_len": seq_len,
+            "class_sampling": class_sampling,
+            "seed": seed,
+            "window": window,
+            "min_per_class": min_per_class,
+        }
+        self._options = ReadOptions(
+            storage_options, retry, verify_checksums, max_bad_samples, return_meta
+        )
 
         kept = self._kept_classes(min_per_class)
         shards = self.manifest.shards
@@ -138,23 +153,35 @@ class SequenceLoader:
                 raise ManifestError(
                     f"manifest {self.manifest.url}: shard {s.url} of class {self.manifest.class_names[s.class_id]!r} "
                     f"holds {s.count} samples, fewer than seq_len={seq_len} (sequences never span shards); "
-                    f"rewrite the shards with a larger --shard-size")
-        self._planner = Planner([s.count for s in shards], [s.class_id for s in shards],
-                                [kept[s.class_id] for s in shards], PlanConfig(seq_len, class_sampling, seed, window))
+                    f"rewrite the shards with a larger --shard-size"
+                )
+        self._planner = Planner(
+            [s.count for s in shards],
+            [s.class_id for s in shards],
+            [kept[s.class_id] for s in shards],
+            PlanConfig(seq_len, class_sampling, seed, window),
+        )
         self.layout = Layout(world_size, streams_per_rank, batch_size, open_shards)
         producing = int((self._planner.groups_per_shard > 0).sum())
         if producing < self.layout.num_streams:
             raise ManifestError(
                 f"manifest {self.manifest.url}: {producing} shards give sequences, fewer than the "
                 f"world_size x max(num_workers, 1) = {self.layout.num_streams} data streams; write smaller "
-                f"shards (make_shards --shard-size) or use fewer workers")
+                f"shards (make_shards --shard-size) or use fewer workers"
+            )
         self.sequences_per_epoch = self._planner.sequences_per_epoch
         self.epoch_length = self.sequences_per_epoch // (world_size * batch_size)
         if self.epoch_length == 0:
-            raise ManifestError(f"manifest {self.manifest.url}: one epoch holds {self.sequences_per_epoch} "
-                                f"sequences, less than one batch per rank ({world_size} x {batch_size})")
-        self._start(PlanView(self._planner, self.layout), batches=0,
-                    positions=[(0, 0, 0)] * streams_per_rank, bad=[0] * streams_per_rank)
+            raise ManifestError(
+                f"manifest {self.manifest.url}: one epoch holds {self.sequences_per_epoch} "
+                f"sequences, less than one batch per rank ({world_size} x {batch_size})"
+            )
+        self._start(
+            PlanView(self._planner, self.layout),
+            batches=0,
+            positions=[(0, 0, 0)] * streams_per_rank,
+            bad=[0] * streams_per_rank,
+        )
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -162,7 +189,9 @@ class SequenceLoader:
         m = self.manifest
         wrong = []
         if shape is not None and tuple(shape) != tuple(m.sample_shape):
-            wrong.append(f"sample shape {list(m.sample_shape)} but the consumer asked for {list(shape)}")
+            wrong.append(
+                f"sample shape {list(m.sample_shape)} but the consumer asked for {list(shape)}"
+            )
         if encoding is not None and encoding != m.encoding:
             wrong.append(f"encoding {m.encoding!r} but the consumer asked for {encoding!r}")
         if wrong:
@@ -174,18 +203,26 @@ class SequenceLoader:
         small = [c for c, count in enumerate(m.counts) if count < need]
         listed = ", ".join(f"{m.class_names[c]!r} (id {c}, {m.counts[c]} samples)" for c in small)
         if small and min_per_class is None:
-            raise ManifestError(f"manifest {m.url}: class {listed} has fewer than seq_len={self.seq_len} samples; "
-                                f"pass min_per_class to drop such classes" if len(small) == 1 else
-                                f"manifest {m.url}: classes {listed} have fewer than seq_len={self.seq_len} samples; "
-                                f"pass min_per_class to drop such classes")
+            raise ManifestError(
+                f"manifest {m.url}: class {listed} has fewer than seq_len={self.seq_len} samples; "
+                f"pass min_per_class to drop such classes"
+                if len(small) == 1
+                else f"manifest {m.url}: classes {listed} have fewer than seq_len={self.seq_len} samples; "
+                f"pass min_per_class to drop such classes"
+            )
         if small:
-            warnings.warn(f"{m.url}: dropping {len(small)} classes with fewer than min_per_class={min_per_class} "
-                          f"samples: {listed}", stacklevel=3)
+            warnings.warn(
+                f"{m.url}: dropping {len(small)} classes with fewer than min_per_class={min_per_class} "
+                f"samples: {listed}",
+                stacklevel=3,
+            )
         if len(small) == len(m.counts):
             raise ManifestError(f"manifest {m.url}: no class has {need} samples")
         return [c not in small for c in range(len(m.counts))]
 
-    def _start(self, view: PlanView, batches: int, positions: list[Position], bad: list[int]) -> None:
+    def _start(
+        self, view: PlanView, batches: int, positions: list[Position], bad: list[int]
+    ) -> None:
         self._view, self._batches = view, batches
         self._positions, self._bad = [tuple(p) for p in positions], list(bad)
 
@@ -196,11 +233,21 @@ class SequenceLoader:
     # -- iteration -----------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple]:
-        stream = SequenceStream(self.manifest, self._view, self.rank, list(self._positions), list(self._bad),
-                                self._options)
+        stream = SequenceStream(
+            self.manifest,
+            self._view,
+            self.rank,
+            list(self._positions),
+            list(self._bad),
+            self._options,
+        )
         workers = self.num_workers
-        loader = DataLoader(stream, batch_size=None, num_workers=workers,
-                            prefetch_factor=self.prefetch_factor if workers else None)
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.prefetch_factor if workers else None,
+        )
         return self._batches_from(iter(loader))
 
     def _batches_from(self, parts_iter) -> Iterator[tuple]:
@@ -212,14 +259,19 @@ class SequenceLoader:
                 self._positions[w], self._bad[w] = (epoch, r, j), bad
             self._batches += 1
             if sum(self._bad) > self.max_bad_samples:
-                raise ShardError(f"{sum(self._bad)} bad samples on rank {self.rank} exceed "
-                                 f"max_bad_samples={self.max_bad_samples} (see the BadSampleWarnings)")
+                raise ShardError(
+                    f"{sum(self._bad)} bad samples on rank {self.rank} exceed "
+                    f"max_bad_samples={self.max_bad_samples} (see the BadSampleWarnings)"
+                )
             # numpy, not torch.cat: torch's intra-op threads contend with the training step for cores
             x, y = (torch.from_numpy(np.concatenate([p[i].numpy() for p in parts])) for i in (0, 1))
             if pin:
                 x, y = x.pin_memory(), y.pin_memory()
             if self._options.return_meta:
-                meta = {key: torch.from_numpy(np.concatenate([p[3][key].numpy() for p in parts])) for key in parts[0][3]}
+                meta = {
+                    key: torch.from_numpy(np.concatenate([p[3][key].numpy() for p in parts]))
+                    for key in parts[0][3]
+                }
                 yield x, y, meta
             else:
                 yield x, y
@@ -232,11 +284,19 @@ class SequenceLoader:
             "format": STATE_FORMAT,
             "manifest": self.manifest.fingerprint(),
             "plan": dict(self._plan_key),
-            "layout": {"world_size": self.layout.world_size, "streams_per_rank": self.layout.streams_per_rank,
-                       "batch_size": self.layout.batch_size, "open_shards": self.layout.open_shards},
+            "layout": {
+                "world_size": self.layout.world_size,
+                "streams_per_rank": self.layout.streams_per_rank,
+                "batch_size": self.layout.batch_size,
+                "open_shards": self.layout.open_shards,
+            },
             "rank": self.rank,
             "base_epoch": self._view.base_epoch,
-            "starts": [[e, shard, start] for e, m in sorted(self._view.starts.items()) for shard, start in sorted(m.items())],
+            "starts": [
+                [e, shard, start]
+                for e, m in sorted(self._view.starts.items())
+                for shard, start in sorted(m.items())
+            ],
             "batches": self._batches,
             "positions": [list(p) for p in self._positions],
             "bad_samples": list(self._bad),
@@ -245,13 +305,23 @@ class SequenceLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (from any rank; see the module docstring for the guarantees)."""
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"unknown loader state format {state.get('format')!r}; expected {STATE_FORMAT}")
+            raise ValueError(
+                f"unknown loader state format {state.get('format')!r}; expected {STATE_FORMAT}"
+            )
         if state["manifest"] != self.manifest.fingerprint():
-            raise ValueError(f"the loader state belongs to another shard set than {self.manifest.url}")
-        differ = {k: (state["plan"].get(k), v) for k, v in self._plan_key.items() if state["plan"].get(k) != v}
+            raise ValueError(
+                f"the loader state belongs to another shard set than {self.manifest.url}"
+            )
+        differ = {
+            k: (state["plan"].get(k), v)
+            for k, v in self._plan_key.items()
+            if state["plan"].get(k) != v
+        }
         if differ:
-            raise ValueError("the loader state was saved with different "
-                             + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in differ.items()))
+            raise ValueError(
+                "the loader state was saved with different "
+                + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in differ.items())
+            )
         old = Layout(**state["layout"])
         starts: dict[int, dict[int, int]] = {}
         for epoch, shard, start in state["starts"]:
@@ -262,12 +332,20 @@ class SequenceLoader:
             if state["rank"] == self.rank:
                 positions, bad = state["positions"], state["bad_samples"]
             else:
-                positions = [old_view.locate(s, batches * old.micro_batch(s)) for s in self._local_streams()]
+                positions = [
+                    old_view.locate(s, batches * old.micro_batch(s)) for s in self._local_streams()
+                ]
                 bad = [0] * len(positions)
             self._start(old_view, batches, positions, bad)
             return
-        every = {s: old_view.locate(s, batches * old.micro_batch(s)) for s in range(old.num_streams)}
+        every = {
+            s: old_view.locate(s, batches * old.micro_batch(s)) for s in range(old.num_streams)
+        }
         first, remaining = old_view.remainder(every)
         streams = self.layout.streams_per_rank
-        self._start(PlanView(self._planner, self.layout, first, remaining), 0, [(first, 0, 0)] * streams,
-                    [0] * streams)
+        self._start(
+            PlanView(self._planner, self.layout, first, remaining),
+            0,
+            [(first, 0, 0)] * streams,
+            [0] * streams,
+        )

@@ -39,22 +39,22 @@ ENCODINGS = ("pixels", "vae")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    url: str        # absolute URL, resolved against the manifest's directory
-    path: str       # as stored in the manifest, relative to the dataset root
+    url: str  # absolute URL, resolved against the manifest's directory
+    path: str  # as stored in the manifest, relative to the dataset root
     class_id: int
-    count: int      # samples in the shard
+    count: int  # samples in the shard
     bytes: int
     sha256: str
 
 
 @dataclass(frozen=True)
 class Manifest:
-    url: str                              # of manifest.json
+    url: str  # of manifest.json
     version: int
     class_names: list[str]
-    counts: list[int]                     # samples per class id
-    sample_shape: tuple[int, int, int]    # (C, H, W) of one yielded image
-    encoding: str                         # "pixels" | "vae"
+    counts: list[int]  # samples per class id
+    sample_shape: tuple[int, int, int]  # (C, H, W) of one yielded image
+    encoding: str  # "pixels" | "vae"
     stored_dtype: str
     stored_shape: tuple[int, ...]
     scaling_factor: float | None
@@ -87,12 +87,22 @@ class Manifest:
             "image_size": self.image_size,
             "source": self.source,
             "classes": [
-                {"id": c, "name": name, "count": self.counts[c],
-                 "shards": [s.path for s in self.shards if s.class_id == c]}
+                {
+                    "id": c,
+                    "name": name,
+                    "count": self.counts[c],
+                    "shards": [s.path for s in self.shards if s.class_id == c],
+                }
                 for c, name in enumerate(self.class_names)
             ],
             "shards": [
-                {"path": s.path, "class_id": s.class_id, "count": s.count, "bytes": s.bytes, "sha256": s.sha256}
+                {
+                    "path": s.path,
+                    "class_id": s.class_id,
+                    "count": s.count,
+                    "bytes": s.bytes,
+                    "sha256": s.sha256,
+                }
                 for s in self.shards
             ],
             "dropped_classes": self.dropped_classes,
@@ -104,13 +114,17 @@ def manifest_url(url: str) -> str:
     return url if url.endswith(".json") else join_url(url, MANIFEST_NAME)
 
 
-def load_manifest(url: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()) -> Manifest:
+def load_manifest(
+    url: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()
+) -> Manifest:
     """Read and validate a manifest. ``url``: the dataset root or its ``manifest.json`` (any fsspec URL)."""
     url = manifest_url(url)
     try:
         raw = read_bytes(url, storage_options, retry)
     except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {url} (write one with tools/make_shards.py)") from None
+        raise ManifestError(
+            f"manifest not found: {url} (write one with tools/make_shards.py)"
+        ) from None
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -129,14 +143,18 @@ def manifest_from_dict(data: dict, url: str) -> Manifest:
             raise fail(f"missing field {where}{key!r}")
         value = obj[key]
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise fail(f"field {where}{key!r} should be {getattr(kind, '__name__', kind)}, got {value!r}")
+            raise fail(
+                f"field {where}{key!r} should be {getattr(kind, '__name__', kind)}, got {value!r}"
+            )
         return value
 
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise fail(f"not an ARFlow shard manifest (expected \"format\": {FORMAT!r})")
+        raise fail(f'not an ARFlow shard manifest (expected "format": {FORMAT!r})')
     version = get(data, "version", int)
     if version not in SUPPORTED_VERSIONS:
-        raise fail(f"unknown format version {version}; this code reads versions {list(SUPPORTED_VERSIONS)}")
+        raise fail(
+            f"unknown format version {version}; this code reads versions {list(SUPPORTED_VERSIONS)}"
+        )
     encoding = get(data, "encoding", str)
     if encoding not in ENCODINGS:
         raise fail(f"unknown encoding {encoding!r}; expected one of {list(ENCODINGS)}")
@@ -157,7 +175,9 @@ def manifest_from_dict(data: dict, url: str) -> Manifest:
     names, counts = [], []
     for c, entry in enumerate(classes):
         if get(entry, "id", int, f"classes[{c}].") != c:
-            raise fail(f"classes[{c}] has id {entry['id']}; ids must be 0..{len(classes) - 1} in order")
+            raise fail(
+                f"classes[{c}] has id {entry['id']}; ids must be 0..{len(classes) - 1} in order"
+            )
         names.append(get(entry, "name", str, f"classes[{c}]."))
         counts.append(get(entry, "count", int, f"classes[{c}]."))
     if not names:
@@ -175,16 +195,30 @@ def manifest_from_dict(data: dict, url: str) -> Manifest:
         sha = get(entry, "sha256", str, where)
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise fail(f"{where}sha256 {sha!r} is not a sha256 hex digest")
-        shards.append(ShardInfo(join_url(root, path), path, class_id, count, get(entry, "bytes", int, where), sha))
+        shards.append(
+            ShardInfo(
+                join_url(root, path), path, class_id, count, get(entry, "bytes", int, where), sha
+            )
+        )
         per_class[class_id] += count
     for c, (name, count) in enumerate(zip(names, counts)):
         if per_class[c] != count:
-            raise fail(f"class {name!r} (id {c}) claims {count} samples but its shards hold {per_class[c]}")
+            raise fail(
+                f"class {name!r} (id {c}) claims {count} samples but its shards hold {per_class[c]}"
+            )
 
     return Manifest(
-        url=url, version=version, class_names=names, counts=counts, sample_shape=sample_shape,
-        encoding=encoding, stored_dtype=stored_dtype, stored_shape=stored_shape,
-        scaling_factor=float(scaling) if scaling is not None else None, shards=shards,
-        image_size=data.get("image_size"), source=data.get("source"),
+        url=url,
+        version=version,
+        class_names=names,
+        counts=counts,
+        sample_shape=sample_shape,
+        encoding=encoding,
+        stored_dtype=stored_dtype,
+        stored_shape=stored_shape,
+        scaling_factor=float(scaling) if scaling is not None else None,
+        shards=shards,
+        image_size=data.get("image_size"),
+        source=data.get("source"),
         dropped_classes=list(data.get("dropped_classes", [])),
     )

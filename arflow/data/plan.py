@@ -42,16 +42,16 @@ import numpy as np
 # Domain tags keep the random streams of different decisions independent.
 _GROUPS, _SHARD_ORDER, _INTERLEAVE, NOISE = 1, 2, 3, 4
 
-Position = tuple[int, int, int]          # (epoch, round, groups processed in that round)
-Starts = dict[int, dict[int, int]]       # epoch -> shard -> groups consumed from the front
+Position = tuple[int, int, int]  # (epoch, round, groups processed in that round)
+Starts = dict[int, dict[int, int]]  # epoch -> shard -> groups consumed from the front
 
 
 @dataclass(frozen=True)
 class PlanConfig:
     seq_len: int
-    class_sampling: str   # "uniform" | "proportional"
+    class_sampling: str  # "uniform" | "proportional"
     seed: int
-    window: int           # samples per window before rounding down to a multiple of seq_len
+    window: int  # samples per window before rounding down to a multiple of seq_len
 
 
 @dataclass(frozen=True)
@@ -68,24 +68,26 @@ class Layout:
     def micro_batch(self, stream: int) -> int:
         """Sequences a stream contributes to each batch of its rank (the batch split over the workers)."""
         worker = stream % self.streams_per_rank
-        return self.batch_size // self.streams_per_rank + (worker < self.batch_size % self.streams_per_rank)
+        return self.batch_size // self.streams_per_rank + (
+            worker < self.batch_size % self.streams_per_rank
+        )
 
 
 class Groups(NamedTuple):
-    members: np.ndarray   # (g, n) int64: sample indices within the shard, distinct within a row
-    flips: np.ndarray     # (g, n) bool: horizontal flip per image
-    windows: np.ndarray   # (g, 2) int64: [lo, hi) sample range a row is drawn from; non-decreasing
+    members: np.ndarray  # (g, n) int64: sample indices within the shard, distinct within a row
+    flips: np.ndarray  # (g, n) bool: horizontal flip per image
+    windows: np.ndarray  # (g, 2) int64: [lo, hi) sample range a row is drawn from; non-decreasing
 
 
 class Slot(NamedTuple):
     shard: int
-    start: int   # first group index emitted in this round
-    stop: int    # one past the last
+    start: int  # first group index emitted in this round
+    stop: int  # one past the last
 
 
 class Round(NamedTuple):
     slots: tuple[Slot, ...]
-    order: np.ndarray     # (sum of stop - start,) int: which slot emits each successive group
+    order: np.ndarray  # (sum of stop - start,) int: which slot emits each successive group
 
 
 def split(total: int, weights: np.ndarray) -> np.ndarray:
@@ -127,19 +129,25 @@ class Planner:
 
     def groups(self, shard: int, epoch: int) -> Groups:
         """The groups of ``shard`` in ``epoch``, in emission order (window by window)."""
-        n, m, total = self.config.seq_len, int(self.counts[shard]), int(self.groups_per_shard[shard])
+        n, m, total = (
+            self.config.seq_len,
+            int(self.counts[shard]),
+            int(self.groups_per_shard[shard]),
+        )
         rng = np.random.default_rng([self.config.seed, _GROUPS, epoch, shard])
         phase = n * int(rng.integers(0, self.window // n))
         bounds = [0, *range(phase or self.window, m, self.window), m]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < n:  # too small for a sequence: merge
             del bounds[-2]
         sizes = np.diff(bounds)
-        per_window = sizes // n if self.config.class_sampling == "proportional" else split(total, sizes)
+        per_window = (
+            sizes // n if self.config.class_sampling == "proportional" else split(total, sizes)
+        )
         members, windows = [], []
         for lo, size, k in zip(bounds, sizes, per_window):
             if k * n <= size:  # each sample at most once
                 rows = rng.permutation(size)[: k * n].reshape(k, n)
-            else:              # reuse across rows, distinct within a row
+            else:  # reuse across rows, distinct within a row
                 rows = np.argsort(rng.random((k, size)), axis=1)[:, :n]
             members.append(rows + lo)
             windows.append(np.tile([lo, lo + size], (k, 1)))
@@ -148,21 +156,29 @@ class Planner:
 
     def rounds(self, epoch: int, layout: Layout, starts: dict[int, int]) -> list[list[Round]]:
         """Per stream, its rounds in ``epoch``; shard i contributes groups starts.get(i, 0) .. g_i - 1."""
-        left = self.groups_per_shard - np.array([starts.get(i, 0) for i in range(len(self.counts))], dtype=np.int64)
-        order = np.random.default_rng([self.config.seed, _SHARD_ORDER, epoch]).permutation(len(self.counts))
+        left = self.groups_per_shard - np.array(
+            [starts.get(i, 0) for i in range(len(self.counts))], dtype=np.int64
+        )
+        order = np.random.default_rng([self.config.seed, _SHARD_ORDER, epoch]).permutation(
+            len(self.counts)
+        )
         heap = [(0, s) for s in range(layout.num_streams)]
         dealt: list[list[Slot]] = [[] for _ in range(layout.num_streams)]
         for shard in order:
             if left[shard] > 0:
                 load, stream = heapq.heappop(heap)
-                dealt[stream].append(Slot(int(shard), int(starts.get(shard, 0)), int(self.groups_per_shard[shard])))
+                dealt[stream].append(
+                    Slot(int(shard), int(starts.get(shard, 0)), int(self.groups_per_shard[shard]))
+                )
                 heapq.heappush(heap, (load + int(left[shard]), stream))
         plans = []
         for stream, slots in enumerate(dealt):
             rounds = []
             for r in range(0, len(slots), layout.open_shards):
-                chunk = tuple(slots[r: r + layout.open_shards])
-                rng = np.random.default_rng([self.config.seed, _INTERLEAVE, epoch, layout.num_streams, stream, r])
+                chunk = tuple(slots[r : r + layout.open_shards])
+                rng = np.random.default_rng(
+                    [self.config.seed, _INTERLEAVE, epoch, layout.num_streams, stream, r]
+                )
                 owners = np.repeat(np.arange(len(chunk)), [s.stop - s.start for s in chunk])
                 rounds.append(Round(chunk, rng.permutation(owners)))
             plans.append(rounds)
@@ -172,7 +188,9 @@ class Planner:
 class PlanView:
     """The plan of one layout from a base (epoch, starts) on, with each epoch's rounds cached."""
 
-    def __init__(self, planner: Planner, layout: Layout, base_epoch: int = 0, starts: Starts | None = None):
+    def __init__(
+        self, planner: Planner, layout: Layout, base_epoch: int = 0, starts: Starts | None = None
+    ):
         self.planner, self.layout, self.base_epoch = planner, layout, base_epoch
         self.starts: Starts = starts or {}
         self._cache: dict[int, list[list[Round]]] = {}

@@ -14,8 +14,8 @@ b = the stream's share of the batch (Layout.micro_batch). Flips and latent noise
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,12 +40,20 @@ class ReadOptions:
 class OpenShard:
     """A shard being read front to back, holding the current window's samples in memory."""
 
-    def __init__(self, manifest: Manifest, shard: int, groups: Groups, options: ReadOptions, on_bad):
+    def __init__(
+        self, manifest: Manifest, shard: int, groups: Groups, options: ReadOptions, on_bad
+    ):
         info = manifest.shards[shard]
         self.groups = groups
-        self._samples = iter_shard(info, dtype=manifest.stored_dtype, shape=manifest.stored_shape, on_bad=on_bad,
-                                   storage_options=options.storage_options, retry=options.retry,
-                                   verify=options.verify_checksums)
+        self._samples = iter_shard(
+            info,
+            dtype=manifest.stored_dtype,
+            shape=manifest.stored_shape,
+            on_bad=on_bad,
+            storage_options=options.storage_options,
+            retry=options.retry,
+            verify=options.verify_checksums,
+        )
         self._buffer: dict[int, np.ndarray | None] = {}
         self._read = 0
         self._lo = 0
@@ -75,8 +83,15 @@ class OpenShard:
 class SequenceStream(IterableDataset):
     """The streams of one rank; DataLoader worker w runs stream rank * V + w from ``positions[w]``."""
 
-    def __init__(self, manifest: Manifest, view: PlanView, rank: int, positions: list[Position],
-                 bad_samples: list[int], options: ReadOptions):
+    def __init__(
+        self,
+        manifest: Manifest,
+        view: PlanView,
+        rank: int,
+        positions: list[Position],
+        bad_samples: list[int],
+        options: ReadOptions,
+    ):
         self.manifest, self.view, self.rank = manifest, view, rank
         self.positions, self.bad_samples, self.options = positions, bad_samples, options
         self._offsets = np.cumsum([0] + [s.count for s in manifest.shards])
@@ -90,16 +105,22 @@ class SequenceStream(IterableDataset):
         def on_bad(message: str, count: int) -> None:
             nonlocal bad
             bad += count
-            warnings.warn(BadSampleWarning(f"{message} [{bad} bad samples on this stream]"), stacklevel=2)
+            warnings.warn(
+                BadSampleWarning(f"{message} [{bad} bad samples on this stream]"), stacklevel=2
+            )
             if bad > self.options.max_bad_samples:
-                raise ShardError(f"{bad} bad samples on data stream {stream} exceed max_bad_samples="
-                                 f"{self.options.max_bad_samples}; last: {message}")
+                raise ShardError(
+                    f"{bad} bad samples on data stream {stream} exceed max_bad_samples="
+                    f"{self.options.max_bad_samples}; last: {message}"
+                )
 
         size = self.view.layout.micro_batch(stream)
         n, shape = self.view.planner.config.seq_len, tuple(self.manifest.sample_shape)
         x = np.empty((size, n, *shape), np.float32)
         ys, ids, epochs = [], [], []
-        for (epoch, r, j), shard, group, groups, arrays in self._groups(stream, self.positions[worker], on_bad):
+        for (epoch, r, j), shard, group, groups, arrays in self._groups(
+            stream, self.positions[worker], on_bad
+        ):
             if any(a is None for a in arrays):
                 continue  # a bad member: the sequence is dropped (the sample was reported when read)
             self._images(arrays, groups.flips[group], epoch, shard, group, out=x[len(ys)])
@@ -107,10 +128,18 @@ class SequenceStream(IterableDataset):
             ids.append(self._offsets[shard] + groups.members[group])
             epochs.append(epoch)
             if len(ys) == size:
-                item = (torch.from_numpy(x), torch.tensor(ys, dtype=torch.int64), (epoch, r, j, bad))
+                item = (
+                    torch.from_numpy(x),
+                    torch.tensor(ys, dtype=torch.int64),
+                    (epoch, r, j, bad),
+                )
                 if self.options.return_meta:
-                    item += ({"sample_ids": torch.from_numpy(np.stack(ids)),
-                              "epoch": torch.tensor(epochs, dtype=torch.int64)},)
+                    item += (
+                        {
+                            "sample_ids": torch.from_numpy(np.stack(ids)),
+                            "epoch": torch.tensor(epochs, dtype=torch.int64),
+                        },
+                    )
                 yield item
                 x = np.empty_like(x)
                 ys, ids, epochs = [], [], []
@@ -122,7 +151,10 @@ class SequenceStream(IterableDataset):
             rounds = self.view.rounds(epoch)[stream]
             for r in range(first_round, len(rounds)):
                 slots, order = rounds[r].slots, rounds[r].order
-                next_group = [s.start + int(c) for s, c in zip(slots, np.bincount(order[:offset], minlength=len(slots)))]
+                next_group = [
+                    s.start + int(c)
+                    for s, c in zip(slots, np.bincount(order[:offset], minlength=len(slots)))
+                ]
                 opened: dict[int, OpenShard] = {}
                 try:
                     for j in range(offset, len(order)):
@@ -131,7 +163,9 @@ class SequenceStream(IterableDataset):
                         reader = opened.get(k)
                         if reader is None:
                             groups = self.view.planner.groups(shard, epoch)
-                            reader = opened[k] = OpenShard(self.manifest, shard, groups, self.options, on_bad)
+                            reader = opened[k] = OpenShard(
+                                self.manifest, shard, groups, self.options, on_bad
+                            )
                         arrays = reader.fetch(group)
                         next_group[k] += 1
                         if next_group[k] == slots[k].stop:
@@ -144,8 +178,15 @@ class SequenceStream(IterableDataset):
             first_round = 0
             epoch += 1
 
-    def _images(self, arrays: list[np.ndarray], flips: np.ndarray, epoch: int, shard: int, group: int,
-                out: np.ndarray) -> None:
+    def _images(
+        self,
+        arrays: list[np.ndarray],
+        flips: np.ndarray,
+        epoch: int,
+        shard: int,
+        group: int,
+        out: np.ndarray,
+    ) -> None:
         """n stored arrays and their flip bits (n,) -> ``out`` (n, C, H, W) float32, written in place."""
         if self.manifest.encoding == "pixels":
             for k, (array, flip) in enumerate(zip(arrays, flips)):

@@ -19,7 +19,7 @@ import functools
 import io
 import math
 import tarfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -27,7 +27,14 @@ from webdataset.tariterators import tar_file_iterator
 
 from arflow.data.errors import ShardError
 from arflow.data.manifest import ShardInfo
-from arflow.data.storage import HashingWriter, RetryingReader, RetryPolicy, ensure_parent, filesystem, partial_path
+from arflow.data.storage import (
+    HashingWriter,
+    RetryingReader,
+    RetryPolicy,
+    ensure_parent,
+    filesystem,
+    partial_path,
+)
 
 PAYLOAD = "npy"
 LABEL = "cls"
@@ -46,8 +53,14 @@ def record_bytes(class_id: int, dtype: str, shape: tuple[int, ...]) -> int:
     return sum(512 + -(-size // 512) * 512 for size in (buffer.tell(), len(str(class_id))))
 
 
-def write_shard(url: str, class_id: int, arrays: list[np.ndarray], keys: list[str],
-                storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()) -> tuple[int, str]:
+def write_shard(
+    url: str,
+    class_id: int,
+    arrays: list[np.ndarray],
+    keys: list[str],
+    storage_options: dict | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> tuple[int, str]:
     """Write one shard atomically (see ``storage.partial_path``). Returns (bytes, sha256 hex).
 
     arrays: the stored array of each sample, all of one dtype and shape; keys: their sample keys.
@@ -62,7 +75,9 @@ def write_shard(url: str, class_id: int, arrays: list[np.ndarray], keys: list[st
             out = HashingWriter(file)
             with wds.TarWriter(out, mtime=MTIME) as tar:
                 for key, array in zip(keys, arrays):
-                    tar.write({"__key__": key, PAYLOAD: np.ascontiguousarray(array), LABEL: str(class_id)})
+                    tar.write(
+                        {"__key__": key, PAYLOAD: np.ascontiguousarray(array), LABEL: str(class_id)}
+                    )
         if partial != path:
             fs.mv(partial, path)
         return out.size, out.sha256.hexdigest()
@@ -98,8 +113,14 @@ def iter_shard(
         reader.close()
 
 
-def _samples(reader: RetryingReader, shard: ShardInfo, dtype: str, shape: tuple[int, ...],
-             on_bad: Callable[[str, int], None], verify: bool) -> Iterator[tuple[int, np.ndarray | None]]:
+def _samples(
+    reader: RetryingReader,
+    shard: ShardInfo,
+    dtype: str,
+    shape: tuple[int, ...],
+    on_bad: Callable[[str, int], None],
+    verify: bool,
+) -> Iterator[tuple[int, np.ndarray | None]]:
     bad = 0
 
     def report(message: str, count: int = 1) -> None:
@@ -141,7 +162,9 @@ def _samples(reader: RetryingReader, shard: ShardInfo, dtype: str, shape: tuple[
             raise
         ended = f"unreadable after member {key or '(none)'}: {type(exc).__name__}: {exc}"
     if index < shard.count:
-        report(f"samples #{index}..#{shard.count - 1} missing ({ended}), skipped", shard.count - index)
+        report(
+            f"samples #{index}..#{shard.count - 1} missing ({ended}), skipped", shard.count - index
+        )
         for missing in range(index, shard.count):
             yield missing, None
     if not verify:
@@ -171,7 +194,9 @@ def _decode(parts: dict, class_id: int, dtype: str, shape: tuple[int, ...]) -> n
         raise ValueError(f"class {label!r} in a shard of class {class_id}")
     data = parts[PAYLOAD]
     header = _npy_header(dtype, tuple(shape))
-    if data.startswith(header) and len(data) == len(header) + np.dtype(dtype).itemsize * math.prod(shape):
+    if data.startswith(header) and len(data) == len(header) + np.dtype(dtype).itemsize * math.prod(
+        shape
+    ):
         # the common case: exactly the bytes np.save writes for this dtype and shape; parsing the
         # header (np.load evaluates it as a Python literal) would cost more than the copy
         return np.frombuffer(data, dtype, offset=len(header)).reshape(shape)

@@ -19,13 +19,15 @@ variables, config files or instance roles.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import fsspec
 
@@ -45,18 +47,28 @@ S3_CLIENT_DEFAULTS = {
 # worker, so a smaller block bounds memory without hurting throughput.
 READ_BLOCK_SIZE = 8 * 2**20
 
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same request may succeed (network trouble, timeouts, server errors)."""
     if isinstance(exc, _PERMANENT):
         return False
-    if isinstance(exc, OSError):  # ConnectionError, TimeoutError and s3fs's translation of 5xx answers
+    if isinstance(
+        exc, OSError
+    ):  # ConnectionError, TimeoutError and s3fs's translation of 5xx answers
         return True
     # botocore's and aiohttp's network errors do not derive from OSError; import them only if in use.
     botocore = sys.modules.get("botocore.exceptions")
-    if botocore is not None and isinstance(exc, (botocore.HTTPClientError, botocore.ConnectionError)):
+    if botocore is not None and isinstance(
+        exc, (botocore.HTTPClientError, botocore.ConnectionError)
+    ):
         return True
     aiohttp = sys.modules.get("aiohttp")
     return aiohttp is not None and isinstance(exc, aiohttp.ClientError)
@@ -90,13 +102,22 @@ class RetryPolicy:
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
                 delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-                log.warning("%s: transient %s (%s); retry %d/%d in %.1f s",
-                            url, type(exc).__name__, exc, attempt, self.attempts - 1, delay)
+                log.warning(
+                    "%s: transient %s (%s); retry %d/%d in %.1f s",
+                    url,
+                    type(exc).__name__,
+                    exc,
+                    attempt,
+                    self.attempts - 1,
+                    delay,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
 
-def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, storage_options: dict | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path of ``url``, with bounded S3 client timeouts."""
     options = copy.deepcopy(storage_options or {})  # botocore mutates its config dict in place
     if url.startswith(("s3://", "s3a://")):
@@ -116,7 +137,9 @@ def parent_url(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
 
 
-def read_bytes(url: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()) -> bytes:
+def read_bytes(
+    url: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()
+) -> bytes:
     fs, path = filesystem(url, storage_options)
     return retry.call(url, lambda: fs.cat_file(path))
 
@@ -138,8 +161,9 @@ def partial_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if "s3" in fs.protocol else path + ".partial"
 
 
-def write_atomic(url: str, data: bytes, storage_options: dict | None = None,
-                 retry: RetryPolicy = RetryPolicy()) -> None:
+def write_atomic(
+    url: str, data: bytes, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()
+) -> None:
     """Write ``data`` so that readers see either the old object or all of the new one."""
     fs, path = filesystem(url, storage_options)
     ensure_parent(url, storage_options)
@@ -177,7 +201,9 @@ class RetryingReader:
     ``tarfile`` streaming mode never notices. Also hashes (sha256) and counts the bytes delivered.
     """
 
-    def __init__(self, url: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()):
+    def __init__(
+        self, url: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()
+    ):
         self.url = url
         self._retry = retry
         self._fs, self._path = filesystem(url, storage_options)
@@ -212,10 +238,8 @@ class RetryingReader:
 
     def _discard(self) -> None:
         file, self._file = self._file, None
-        try:
+        with contextlib.suppress(Exception):  # the connection is already broken: best effort
             file.close()
-        except Exception:  # the connection is already broken; closing is best effort
-            pass
 
     def close(self) -> None:
         if self._file is not None:

@@ -16,19 +16,20 @@ import json
 import logging
 import math
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from arflow.data.writing.encoders import PixelEncoder, VaeEncoder
 from arflow.data.manifest import MANIFEST_NAME, VERSION, Manifest, ShardInfo
 from arflow.data.shards import record_bytes, sample_key, write_shard
-from arflow.data.writing.sources import DigitsSource, ImageFolderSource
 from arflow.data.storage import RetryingReader, RetryPolicy, join_url, read_bytes, write_atomic
+from arflow.data.writing.encoders import PixelEncoder, VaeEncoder
+from arflow.data.writing.sources import DigitsSource, ImageFolderSource
 
 log = logging.getLogger("arflow.data")
 
@@ -39,13 +40,15 @@ Encoder = PixelEncoder | VaeEncoder
 @dataclass(frozen=True)
 class ShardJob:
     class_id: int
-    path: str               # relative to the output root
-    items: tuple            # source item references, in stored order
-    first_index: int        # index within the (shuffled) class of the first item, for sample keys
-    fingerprint: str        # of everything that determines the shard's content
+    path: str  # relative to the output root
+    items: tuple  # source item references, in stored order
+    first_index: int  # index within the (shuffled) class of the first item, for sample keys
+    fingerprint: str  # of everything that determines the shard's content
 
 
-def plan_jobs(classes: list[tuple[int, list]], samples_per_shard: int, seed: int, describe: dict) -> list[ShardJob]:
+def plan_jobs(
+    classes: list[tuple[int, list]], samples_per_shard: int, seed: int, describe: dict
+) -> list[ShardJob]:
     """Split each class (id, items) into ceil(n / samples_per_shard) shards of near-equal size."""
     jobs = []
     for class_id, items in classes:
@@ -54,9 +57,19 @@ def plan_jobs(classes: list[tuple[int, list]], samples_per_shard: int, seed: int
         first = 0
         for j, part in enumerate(parts):
             chosen = tuple(items[i] for i in part)
-            text = json.dumps({"version": VERSION, "class_id": class_id, "items": chosen, **describe}, sort_keys=True)
-            jobs.append(ShardJob(class_id, f"shards/c{class_id:05d}_{j:04d}.tar", chosen, first,
-                                 hashlib.sha256(text.encode()).hexdigest()))
+            text = json.dumps(
+                {"version": VERSION, "class_id": class_id, "items": chosen, **describe},
+                sort_keys=True,
+            )
+            jobs.append(
+                ShardJob(
+                    class_id,
+                    f"shards/c{class_id:05d}_{j:04d}.tar",
+                    chosen,
+                    first,
+                    hashlib.sha256(text.encode()).hexdigest(),
+                )
+            )
             first += len(part)
     return jobs
 
@@ -88,33 +101,52 @@ def build_shards(
         if min_per_class is not None and len(items) < min_per_class:
             dropped.append({"name": name, "count": len(items)})
         elif not items:
-            raise ValueError(f"class {name!r} of {source.name} has no images; pass --min-per-class 1 to drop it")
+            raise ValueError(
+                f"class {name!r} of {source.name} has no images; pass --min-per-class 1 to drop it"
+            )
         else:
             kept.append((name, items))
     if dropped and rank == 0:
-        log.warning("dropping %d classes with fewer than %d images (--min-per-class): %s",
-                    len(dropped), min_per_class, ", ".join(f"{d['name']} ({d['count']})" for d in dropped))
+        log.warning(
+            "dropping %d classes with fewer than %d images (--min-per-class): %s",
+            len(dropped),
+            min_per_class,
+            ", ".join(f"{d['name']} ({d['count']})" for d in dropped),
+        )
     if not kept:
         raise ValueError(f"no class of {source.name} has at least {min_per_class} images")
 
     per_sample = record_bytes(len(kept) - 1, encoder.dtype, encoder.stored_shape)
-    samples_per_shard = max(1, (shard_size - 1024) // per_sample)  # 1024: the tar end-of-archive blocks
+    samples_per_shard = max(
+        1, (shard_size - 1024) // per_sample
+    )  # 1024: the tar end-of-archive blocks
     describe = {"source": source.name, "image_size": source.image_size, **encoder.describe()}
-    jobs = plan_jobs([(c, items) for c, (_, items) in enumerate(kept)], samples_per_shard, seed, describe)
+    jobs = plan_jobs(
+        [(c, items) for c, (_, items) in enumerate(kept)], samples_per_shard, seed, describe
+    )
     mine = [job for job in jobs if job.class_id % world_size == rank]
 
     records = []
-    bar = tqdm(total=sum(len(j.items) for j in mine), unit="img", disable=not progress,
-               desc=f"shards (rank {rank}/{world_size})" if world_size > 1 else "shards")
+    bar = tqdm(
+        total=sum(len(j.items) for j in mine),
+        unit="img",
+        disable=not progress,
+        desc=f"shards (rank {rank}/{world_size})" if world_size > 1 else "shards",
+    )
     skipped = 0
     with _pool(workers) as pool:
         if isinstance(encoder, PixelEncoder) and pool is not None:
             # Pixels: whole shards in parallel processes (decode, resize, write, upload).
-            futures = {pool.submit(_make_shard, job, source, encoder, out, storage_options, retry): job for job in mine}
+            futures = {
+                pool.submit(_make_shard, job, source, encoder, out, storage_options, retry): job
+                for job in mine
+            }
             done = (f.result() for f in as_completed(futures))
         else:
             # VAE: one encoder in this process (GPU when present); images decoded by the pool.
-            done = (_make_shard(job, source, encoder, out, storage_options, retry, pool) for job in mine)
+            done = (
+                _make_shard(job, source, encoder, out, storage_options, retry, pool) for job in mine
+            )
         for record, was_skipped in done:
             records.append(record)
             skipped += was_skipped
@@ -127,15 +159,33 @@ def build_shards(
         return None
     everything.sort(key=lambda r: r["path"])
     manifest = Manifest(
-        url=join_url(out, MANIFEST_NAME), version=VERSION,
-        class_names=[name for name, _ in kept], counts=[len(items) for _, items in kept],
-        sample_shape=encoder.sample_shape, encoding=encoder.encoding, stored_dtype=encoder.dtype,
-        stored_shape=encoder.stored_shape, scaling_factor=encoder.scaling_factor,
-        shards=[ShardInfo(join_url(out, r["path"]), r["path"], r["class_id"], r["count"], r["bytes"], r["sha256"])
-                for r in everything],
-        image_size=source.image_size, source=source.name, dropped_classes=dropped,
+        url=join_url(out, MANIFEST_NAME),
+        version=VERSION,
+        class_names=[name for name, _ in kept],
+        counts=[len(items) for _, items in kept],
+        sample_shape=encoder.sample_shape,
+        encoding=encoder.encoding,
+        stored_dtype=encoder.dtype,
+        stored_shape=encoder.stored_shape,
+        scaling_factor=encoder.scaling_factor,
+        shards=[
+            ShardInfo(
+                join_url(out, r["path"]),
+                r["path"],
+                r["class_id"],
+                r["count"],
+                r["bytes"],
+                r["sha256"],
+            )
+            for r in everything
+        ],
+        image_size=source.image_size,
+        source=source.name,
+        dropped_classes=dropped,
     )
-    write_atomic(manifest.url, json.dumps(manifest.to_dict(), indent=1).encode(), storage_options, retry)
+    write_atomic(
+        manifest.url, json.dumps(manifest.to_dict(), indent=1).encode(), storage_options, retry
+    )
     return manifest
 
 
@@ -155,24 +205,43 @@ def _pool(workers: int) -> ProcessPoolExecutor | _NoPool:
     return ProcessPoolExecutor(workers, mp_context=context)
 
 
-def _make_shard(job: ShardJob, source: Source, encoder: Encoder, out: str, storage_options: dict | None,
-                retry: RetryPolicy, pool: Executor | None = None) -> tuple[dict, bool]:
+def _make_shard(
+    job: ShardJob,
+    source: Source,
+    encoder: Encoder,
+    out: str,
+    storage_options: dict | None,
+    retry: RetryPolicy,
+    pool: Executor | None = None,
+) -> tuple[dict, bool]:
     """Write one shard unless an identical complete one exists. Returns (record, skipped)."""
     url = join_url(out, job.path)
     record = _complete_record(url, job, storage_options, retry)
     if record is not None:
         return record, True
-    loaded = pool.map(source.load, job.items, chunksize=16) if pool is not None else map(source.load, job.items)
+    loaded = (
+        pool.map(source.load, job.items, chunksize=16)
+        if pool is not None
+        else map(source.load, job.items)
+    )
     arrays = encoder.encode(np.stack(list(loaded)))
     keys = [sample_key(job.class_id, job.first_index + i) for i in range(len(job.items))]
     size, sha = write_shard(url, job.class_id, list(arrays), keys, storage_options, retry)
-    record = {"path": job.path, "class_id": job.class_id, "count": len(job.items), "bytes": size, "sha256": sha,
-              "fingerprint": job.fingerprint}
+    record = {
+        "path": job.path,
+        "class_id": job.class_id,
+        "count": len(job.items),
+        "bytes": size,
+        "sha256": sha,
+        "fingerprint": job.fingerprint,
+    }
     write_atomic(url + ".json", json.dumps(record).encode(), storage_options, retry)
     return record, False
 
 
-def _complete_record(url: str, job: ShardJob, storage_options: dict | None, retry: RetryPolicy) -> dict | None:
+def _complete_record(
+    url: str, job: ShardJob, storage_options: dict | None, retry: RetryPolicy
+) -> dict | None:
     """The sidecar record of an existing shard if it is complete, identical in plan, and intact."""
     try:
         record = json.loads(read_bytes(url + ".json", storage_options, retry))
@@ -183,8 +252,15 @@ def _complete_record(url: str, job: ShardJob, storage_options: dict | None, retr
         reader.read_to_end()
     finally:
         reader.close()
-    intact = (reader.sha256.hexdigest(), reader.position) == (record.get("sha256"), record.get("bytes"))
+    intact = (reader.sha256.hexdigest(), reader.position) == (
+        record.get("sha256"),
+        record.get("bytes"),
+    )
     if record.get("fingerprint") != job.fingerprint or not intact:
-        log.warning("rewriting %s: %s", url, "its inputs changed" if intact else "its checksum does not match")
+        log.warning(
+            "rewriting %s: %s",
+            url,
+            "its inputs changed" if intact else "its checksum does not match",
+        )
         return None
     return record

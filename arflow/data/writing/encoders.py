@@ -34,22 +34,38 @@ class VaeEncoder:
 
     encoding = "vae"
 
-    def __init__(self, path: str, image_size: int, *, device: str = "auto", batch_size: int = 32,
-                 dtype: str = "float32"):
+    def __init__(
+        self,
+        path: str,
+        image_size: int,
+        *,
+        device: str = "auto",
+        batch_size: int = 32,
+        dtype: str = "float32",
+    ):
         try:
             from diffusers import AutoencoderKL
         except ImportError as exc:
-            raise ImportError("--encode vae needs diffusers: install the `vae` extra (pip install 'arflow[vae]')") from exc
+            raise ImportError(
+                "--encode vae needs diffusers: install the `vae` extra (pip install 'arflow[vae]')"
+            ) from exc
         self.path = path
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        self.device = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if device == "auto"
+            else device
+        )
         self.vae = AutoencoderKL.from_pretrained(path).to(self.device).eval()
         self.batch_size = batch_size
         self.dtype = dtype
         config = self.vae.config
         factor = 2 ** (len(config.block_out_channels) - 1)
         if image_size % factor:
-            raise ValueError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {factor}")
+            raise ValueError(
+                f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {factor}"
+            )
         channels, side = config.latent_channels, image_size // factor
         self.sample_shape = (channels, side, side)
         self.stored_shape = (2, 2 * channels, side, side)
@@ -63,9 +79,15 @@ class VaeEncoder:
         """images: (N, 3, S, S) uint8 -> (N, 2, 2c, h, w) moments of [image, flipped image]."""
         out = []
         for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(images[start:start + self.batch_size]).to(self.device).float() / 127.5 - 1
+            x = (
+                torch.from_numpy(images[start : start + self.batch_size]).to(self.device).float()
+                / 127.5
+                - 1
+            )
             both = torch.cat([x, x.flip(-1)])
             posterior = self.vae.encode(both).latent_dist
             moments = torch.cat([posterior.mean, posterior.logvar], dim=1)  # (2n, 2c, h, w)
-            out.append(torch.stack(moments.chunk(2), dim=1).to("cpu", getattr(torch, self.dtype)).numpy())
+            out.append(
+                torch.stack(moments.chunk(2), dim=1).to("cpu", getattr(torch, self.dtype)).numpy()
+            )
         return np.concatenate(out)

@@ -63,10 +63,14 @@ class ImageFolderSource:
         if not folders:
             raise ValueError(f"image folder {self.root!r} has no class sub-folders")
         return [
-            (name, sorted(
-                os.path.join(name, f) for f in os.listdir(os.path.join(self.root, name))
-                if f.lower().endswith(IMAGE_EXTENSIONS)
-            ))
+            (
+                name,
+                sorted(
+                    os.path.join(name, f)
+                    for f in os.listdir(os.path.join(self.root, name))
+                    if f.lower().endswith(IMAGE_EXTENSIONS)
+                ),
+            )
             for name in folders
         ]
 
@@ -78,7 +82,9 @@ class ImageFolderSource:
                 rgb = image.convert("RGB")
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read image {path}: {exc}") from exc
-        square = ImageOps.fit(rgb, (self.image_size,) * 2, method=Image.BICUBIC, centering=(0.5, 0.5))
+        square = ImageOps.fit(
+            rgb, (self.image_size,) * 2, method=Image.BICUBIC, centering=(0.5, 0.5)
+        )
         return np.asarray(square).transpose(2, 0, 1).copy()
 
 
