@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=32,
         help="side S of the stored square images: "
-        "digits are resized to SxS, folder images resized (shorter side S) and centre-cropped",
+        "digits are resized to SxS; folder images get ADM's centre crop (box-filter halving while "
+        "the short side is >= 2S, bicubic to short side S, centre SxS)",
     )
     parser.add_argument(
         "--encode",

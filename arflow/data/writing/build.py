@@ -120,7 +120,12 @@ def build_shards(
     samples_per_shard = max(
         1, (shard_size - 1024) // per_sample
     )  # 1024: the tar end-of-archive blocks
-    describe = {"source": source.name, "image_size": source.image_size, **encoder.describe()}
+    describe = {
+        "source": source.name,
+        "image_size": source.image_size,
+        "preprocessing": source.preprocessing,  # a changed crop rewrites the shards
+        **encoder.describe(),
+    }
     jobs = plan_jobs(
         [(c, items) for c, (_, items) in enumerate(kept)], samples_per_shard, seed, describe
     )

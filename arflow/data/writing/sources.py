@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+from arflow.data.writing.images import list_images, read_image
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class DigitsSource:
     image_size: int
 
     name = "digits"
+    preprocessing = "bicubic-resize"
 
     @property
     def classes(self) -> list[tuple[str, list[int]]]:
@@ -46,10 +47,13 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class ImageFolderSource:
-    """A folder per class (ImageNet layout); classes sorted by folder name, images by file name."""
+    """A folder per class (ImageNet layout); classes sorted by folder name, images as listed by
+    ``images.list_images`` (recursive, sorted), ADM-centre-cropped to S (``images.centre_crop``)."""
 
     root: str
     image_size: int
+
+    preprocessing = "adm-centre-crop"
 
     @property
     def name(self) -> str:
@@ -63,29 +67,13 @@ class ImageFolderSource:
         if not folders:
             raise ValueError(f"image folder {self.root!r} has no class sub-folders")
         return [
-            (
-                name,
-                sorted(
-                    os.path.join(name, f)
-                    for f in os.listdir(os.path.join(self.root, name))
-                    if f.lower().endswith(IMAGE_EXTENSIONS)
-                ),
-            )
+            (name, [f"{name}/{path}" for path in list_images(os.path.join(self.root, name))])
             for name in folders
         ]
 
     def load(self, relative_path: str) -> np.ndarray:
-        """(3, S, S) uint8: RGB, shorter side resized to S (bicubic), centre crop."""
-        path = os.path.join(self.root, relative_path)
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from exc
-        square = ImageOps.fit(
-            rgb, (self.image_size,) * 2, method=Image.BICUBIC, centering=(0.5, 0.5)
-        )
-        return np.asarray(square).transpose(2, 0, 1).copy()
+        """(3, S, S) uint8."""
+        return read_image(os.path.join(self.root, relative_path), self.image_size)
 
 
 def make_source(spec: str, image_size: int) -> DigitsSource | ImageFolderSource:
