@@ -42,6 +42,10 @@ class ModelConfig:
     depth: int | None = None
     hidden_size: int | None = None
     num_heads: int | None = None
+    # "hybrid": the paper's model. "causal_softmax": its attention ablation, one block-causal
+    # softmax across the images instead of the linear state (no gt_proj; the sampling state is
+    # a key/value cache that grows with every step).
+    attention: Literal["hybrid", "causal_softmax"] = "hybrid"
 
     def architecture(self) -> dict:
         """Keyword arguments of `ARFlow(...)`; they fix every parameter shape."""
@@ -59,6 +63,7 @@ class ModelConfig:
             learn_sigma=self.learn_sigma,
             # > 0 adds the null-class row to the label table, so it belongs here too.
             class_dropout_prob=self.class_dropout_prob,
+            attention=self.attention,
         )
 
 

@@ -1,8 +1,10 @@
-"""The three forms of hybrid attention agree, and the inter-image path is causal."""
+"""Hybrid attention: the release's full-width q/k/v norm, causality across images, the fp32
+inter-image term, input checks. The forms are held to the naive one over a grid of shapes and
+dtypes in test_attention_forms.py."""
 
 import pytest
 import torch
-from tiny_models import randomize
+from tiny_models import assert_rel_close, heads_scaled, randomize
 
 from arflow.models import HybridAttention
 from arflow.models.hybrid_attention import inter_image_parallel
@@ -23,60 +25,12 @@ def attn():
     return randomize(HybridAttention(D, H), seed=1, std=0.3)
 
 
-def heads_scaled(module: HybridAttention) -> HybridAttention:
-    """Multiply head h's q/k/v projection rows by h + 1: trained heads have unequal scales, and
-    only then does a norm over the full width differ from a norm per head."""
-    d = D // H
-    with torch.no_grad():
-        for proj in (module.q_proj, module.k_proj, module.v_proj):
-            proj.weight.view(H, d, D).mul_(torch.arange(1, H + 1.0)[:, None, None])
-    return module
-
-
-def assert_rel_close(a, b, rel):
-    err = (a - b).abs().max() / b.abs().max()
-    assert err < rel, f"relative error {err:.2e} > {rel:.0e}"
-
-
-@pytest.mark.parametrize("scaled_heads", [False, True])
-@pytest.mark.parametrize("with_state", [False, True])
-def test_parallel_recurrent_naive_agree(attn, with_state, scaled_heads):
-    if scaled_heads:
-        attn = heads_scaled(attn)
-    h, c, state = make_inputs()
-    init = state if with_state else None
-    out_p, final_p = attn(h, c, init, form="parallel")
-    out_n, final_n = attn(h, c, init, form="naive")
-    outs, carried = [], init
-    for s in range(S):  # image by image through the recurrent form
-        out, carried = attn(h[:, s : s + 1], c[:, s : s + 1], carried, form="recurrent")
-        outs.append(out)
-    out_r = torch.cat(outs, dim=1)
-    assert_rel_close(out_p, out_n, 1e-5)
-    assert_rel_close(out_r, out_n, 1e-5)
-    assert_rel_close(final_p, final_n, 1e-5)
-    assert_rel_close(carried, final_n, 1e-5)
-
-
 def test_inter_image_path_is_not_trivial(attn):
-    """Guard for the tests above: the state must change the output, else they prove nothing."""
+    """Guard for the form tests: the state must change the output, else they prove little."""
     h, c, state = make_inputs()
     with_state, _ = attn(h, c, state)
     without, _ = attn(h, c, None)
     assert (with_state - without).abs().max() > 1e-2
-
-
-def test_gradients_parallel_match_naive(attn):
-    h, c, state = make_inputs()
-    grads = {}
-    for form in ("parallel", "naive"):
-        attn.zero_grad()
-        hh, cc, ss = (t.clone().requires_grad_() for t in (h, c, state))
-        out, final = attn(hh, cc, ss, form=form)
-        (out.pow(2).sum() + final.pow(2).sum()).backward()
-        grads[form] = [hh.grad, cc.grad, ss.grad] + [p.grad.clone() for p in attn.parameters()]
-    for g_parallel, g_naive in zip(grads["parallel"], grads["naive"]):
-        assert_rel_close(g_parallel, g_naive, 1e-4)
 
 
 def test_causal_across_images_bidirectional_inside(attn):
@@ -110,10 +64,10 @@ def test_recurrent_form_takes_one_image(attn):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the bf16 fused path")
 def test_bf16_cuda_close_to_fp32(attn):
     h, c, state = (t.cuda() for t in make_inputs())
-    attn = attn.cuda()
-    ref, _ = attn(h, c, state)
+    module = attn.cuda()
+    ref, _ = module(h, c, state)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out, final = attn(h, c, state)
+        out, final = module(h, c, state)
     assert final.dtype == torch.float32
     assert_rel_close(out.float(), ref, 3e-2)
 
@@ -128,16 +82,6 @@ def test_inter_image_term_runs_in_fp32_under_autocast():
     assert inter.dtype == final.dtype == torch.float32
     ref_inter, ref_final = inter_image_parallel(q.float(), k.float(), v.float(), gamma, state)
     assert torch.equal(inter, ref_inter) and torch.equal(final, ref_final)
-
-
-def test_bf16_autocast_close_to_fp32(attn):
-    h, c, state = make_inputs()
-    ref, ref_final = attn(h, c, state)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, final = attn(h, c, state)
-    assert final.dtype == torch.float32
-    assert_rel_close(out.float(), ref, 5e-2)
-    assert_rel_close(final, ref_final, 5e-2)
 
 
 def reference_one_image(attn: HybridAttention, h, c, state, norm_width: int):
@@ -165,12 +109,12 @@ def reference_one_image(attn: HybridAttention, h, c, state, norm_width: int):
 def test_qkv_norm_spans_the_full_width(attn):
     """The release normalises q, k and v over all D channels before the split into heads; a
     per-head norm must fail this test (it differs by far more than the tolerance)."""
-    attn = heads_scaled(attn)
+    module = heads_scaled(attn)
     h, c, state = make_inputs()
     with torch.no_grad():
-        out, _ = attn(h[:, :1], c[:, :1], state, form="recurrent")
-        full = reference_one_image(attn, h, c, state, norm_width=D)
-        per_head = reference_one_image(attn, h, c, state, norm_width=D // H)
+        out, _ = module(h[:, :1], c[:, :1], state, form="recurrent")
+        full = reference_one_image(module, h, c, state, norm_width=D)
+        per_head = reference_one_image(module, h, c, state, norm_width=D // H)
     assert_rel_close(out[:, 0], full, 1e-5)
     assert (per_head - full).abs().max() / full.abs().max() > 1e-2, (
         "the test cannot tell the two norms apart"

@@ -1,34 +1,79 @@
-"""The ARFlow backbone: forms agree end to end, causality, zoo, release-compatible state dicts,
-input validation, and a loss that falls."""
+"""The ARFlow backbone: forms agree end to end for both attentions, causality, zoo,
+release-compatible state dicts, input validation, a forward that compiles as one graph, and a
+loss that falls."""
 
 import io
 
 import pytest
 import torch
-from tiny_models import sequence, tiny_model
+from tiny_models import assert_rel_close, sequence, tiny_model
 
 from arflow.flow.transport import training_loss
 from arflow.models import MODEL_NAMES, ARFlow, create_model, model_kwargs
+from arflow.models.causal_attention import KVCache
+
+ATTENTIONS = ["hybrid", "causal_softmax"]
 
 
-def test_forward_shapes_and_forms_agree():
-    model = tiny_model()
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_forward_shapes_and_forms_agree(attention):
+    model = tiny_model(attention=attention)
     x, t, y = sequence(images=4)
     out = model(x, t, y)
     assert out.shape == x.shape
-    naive = model(x, t, y, form="naive")
-    torch.testing.assert_close(out, naive, rtol=1e-5, atol=1e-5)
-    # Image by image through the recurrent path used by the samplers.
+    assert_rel_close(out, model(x, t, y, form="naive"), 1e-5, "parallel vs naive")
+    # Image by image through `step`, the samplers' interface: the state carried between calls
+    # is the d x d state (hybrid) or a key/value cache that grows by one image (causal).
     state, steps = None, []
     for s in range(x.shape[1]):
         v, state = model.step(x[:, s], t[:, s], y, state)
         steps.append(v)
-    torch.testing.assert_close(torch.stack(steps, dim=1), out, rtol=1e-5, atol=1e-5)
-    assert state.num_images == x.shape[1]
+        assert state.num_images == s + 1 and state.batch_size == x.shape[0]
+        layer = state.layers[0]
+        if attention == "causal_softmax":
+            assert isinstance(layer, KVCache) and layer.k.shape[2] == (s + 1) * 16
+        else:
+            assert layer.shape == (2, 2, 16, 16)
+    assert_rel_close(torch.stack(steps, dim=1), out, 1e-5, "step by step vs parallel")
 
 
-def test_model_is_causal_across_images():
+def test_the_two_attentions_differ_only_by_gt_proj():
+    hybrid, causal = tiny_model(), tiny_model(attention="causal_softmax")
+    gates = {k for k in hybrid.state_dict() if "gt_proj" in k}
+    assert gates == {"blocks.0.attn.gt_proj.weight", "blocks.1.attn.gt_proj.weight"}
+    assert set(causal.state_dict()) == set(hybrid.state_dict()) - gates
+    x, t, y = sequence()
+    assert not torch.allclose(hybrid(x, t, y), causal(x, t, y))
+
+
+def test_unknown_attention_is_named():
+    with pytest.raises(ValueError, match=r"attention must be one of .*'linear'.*model.attention"):
+        tiny_model(attention="linear")
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_forward_compiles_as_one_graph(attention):
+    """No graph break (hence no host sync) in the training forward, labels on any device."""
+    torch._dynamo.reset()
+    model = tiny_model(attention=attention).train()
+    x, t, y = sequence(images=3)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.manual_seed(0)  # label dropout draws from the global generator
+    out = compiled(x, t, y)
+    torch.manual_seed(0)
+    torch.testing.assert_close(out, model(x, t, y))
+
+
+def test_step_checks_labels_when_a_sequence_starts():
     model = tiny_model()
+    x, t, y = sequence()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\].*got values in \[0, 6\]"):
+        model.step(x[:, 0], t[:, 0], torch.tensor([0, 6]))
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_model_is_causal_across_images(attention):
+    model = tiny_model(attention=attention)
     x, t, y = sequence(images=4)
     base = model(x, t, y)
     x2, t2 = x.clone(), t.clone()

@@ -1,6 +1,8 @@
-"""ARFlow models: the backbone, its hybrid attention and the model zoo."""
+"""ARFlow models: the backbone, its hybrid attention (and the block-causal softmax ablation)
+and the model zoo."""
 
 from .arflow import MODEL_NAMES, ARFlow, ARFlowBlock, ARFlowState, create_model, model_kwargs
+from .causal_attention import CausalSoftmaxAttention, KVCache
 from .hybrid_attention import HybridAttention
 from .pretrained import architecture_of, infer_architecture, load_pretrained, save_pretrained
 
@@ -8,6 +10,8 @@ __all__ = [
     "ARFlow",
     "ARFlowBlock",
     "ARFlowState",
+    "CausalSoftmaxAttention",
+    "KVCache",
     "HybridAttention",
     "MODEL_NAMES",
     "create_model",

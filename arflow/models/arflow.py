@@ -3,7 +3,9 @@
 A training sequence holds S images of one class at different noise levels. Each image is
 patchified into N tokens; blocks work on (B, S, N, D). Each image gets its own conditioning
 c = y_emb + t_emb(t_s), so adaLN modulates each image with its own noise level. Attention is
-hybrid (see hybrid_attention.py): softmax inside an image, a gated linear state across images.
+hybrid (see hybrid_attention.py): softmax inside an image, a gated linear state across images;
+`attention="causal_softmax"` swaps in the paper's ablation, one block-causal softmax across the
+images (causal_attention.py).
 All images share one fixed 2-D sin-cos position table: order along the sequence is carried by
 the noise levels, which the data sorts ascending (noisier first).
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .causal_attention import CausalSoftmaxAttention, KVCache
 from .hybrid_attention import HybridAttention
 from .layers import (
     FinalLayer,
@@ -29,27 +32,35 @@ from .layers import (
     sincos_pos_embed_2d,
 )
 
+# model.attention -> the attention module of every block
+ATTENTIONS = {"hybrid": HybridAttention, "causal_softmax": CausalSoftmaxAttention}
+
 
 @dataclass(frozen=True)
 class ARFlowState:
-    """Inter-image memory of the whole model after `num_images` images: one (B, H, d, d) fp32
-    tensor per block. Returned by `ARFlow.step`; the caller holds it and passes it back."""
+    """Inter-image memory of the whole model after `num_images` images, one entry per block:
+    the (B, H, d, d) fp32 linear-attention state (hybrid), or the KVCache of every earlier token
+    (causal_softmax). Returned by `ARFlow.step`; the caller holds it and passes it back."""
 
-    layers: tuple[torch.Tensor, ...]
+    layers: tuple[torch.Tensor | KVCache, ...]
     num_images: int
-
-    @property
-    def batch_size(self) -> int:
-        return self.layers[0].shape[0]
+    batch_size: int
 
 
 class ARFlowBlock(nn.Module):
-    """adaLN-Zero block with hybrid attention. x: (B, S, N, D), c: (B, S, D)."""
+    """adaLN-Zero block with hybrid (or block-causal softmax) attention.
+    x: (B, S, N, D), c: (B, S, D)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attention: str = "hybrid"
+    ):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(
+                f"attention must be one of {tuple(ATTENTIONS)}, got {attention!r} (model.attention)"
+            )
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = HybridAttention(hidden_size, num_heads)
+        self.attn = ATTENTIONS[attention](hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -58,10 +69,10 @@ class ARFlowBlock(nn.Module):
         self,
         x: torch.Tensor,
         c: torch.Tensor,
-        state: torch.Tensor | None = None,
+        state: torch.Tensor | KVCache | None = None,
         form: str = "parallel",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (x (B, S, N, D), attention state after the last image (B, H, d, d))."""
+    ) -> tuple[torch.Tensor, torch.Tensor | KVCache]:
+        """Returns (x (B, S, N, D), the attention's state after the last image)."""
         mod = self.adaLN_modulation(c).unsqueeze(2).chunk(6, dim=-1)  # six (B, S, 1, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         attn, state = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), c, state, form)
@@ -71,7 +82,12 @@ class ARFlowBlock(nn.Module):
 
 
 class ARFlow(nn.Module):
-    """ARFlow velocity model. `forward` trains on whole sequences; `step` samples image by image."""
+    """ARFlow velocity model. `forward` trains on whole sequences; `step` samples image by image.
+
+    `attention`: "hybrid" (the paper's model, the release's parameter names) or
+    "causal_softmax" (the paper's attention ablation: no gt_proj, a growing key/value cache as
+    the sampling state; see causal_attention.py).
+    """
 
     def __init__(
         self,
@@ -85,6 +101,7 @@ class ARFlow(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        attention: str = "hybrid",
     ):
         super().__init__()
         if input_size % patch_size:
@@ -95,6 +112,7 @@ class ARFlow(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
+        self.attention = attention
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -105,7 +123,7 @@ class ARFlow(nn.Module):
             sincos_pos_embed_2d(hidden_size, grid)[None], requires_grad=False
         )
         self.blocks = nn.ModuleList(
-            ARFlowBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
+            ARFlowBlock(hidden_size, num_heads, mlp_ratio, attention) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -163,8 +181,11 @@ class ARFlow(nn.Module):
             raise ValueError(f"y must have shape (B,) = {(B,)}, got {tuple(y.shape)}")
         if y.dtype.is_floating_point:
             raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-        # One host sync per call; an out-of-range index on a GPU would be a device-side assert.
-        if B and bool(((y < 0) | (y > self.null_class)).any()):
+
+    def check_labels(self, y: torch.Tensor) -> None:
+        """y: (B,) -> ValueError unless every label lies in [0, num_classes] (the last is the
+        null class). Reads y on the host: one device sync for a GPU tensor."""
+        if y.numel() and bool(((y < 0) | (y > self.null_class)).any()):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes - 1}] (or {self.null_class}, the null "
                 f"class), got values in [{int(y.min())}, {int(y.max())}]"
@@ -202,8 +223,14 @@ class ARFlow(nn.Module):
         x: (B, S, C, H, W) images, noisier first; t: (B, S) noise levels in [0, 1] (1 = data);
         y: (B,) class labels -> (B, S, C, H, W). `form` picks the attention form ("parallel"
         or "naive"; the latter is the slow test reference).
+
+        Labels on the CPU are range-checked here (free). Labels on an accelerator are not: that
+        would be a host sync per call and a graph break under torch.compile; the training data
+        boundary checks them instead, and `check_labels` is there for other callers.
         """
         self.check_inputs(x, t, y)
+        if y.device.type == "cpu" and not torch.compiler.is_compiling():
+            self.check_labels(y)
         tokens, c = self.embed(x, t, y)
         tokens, _ = self.run_blocks(tokens, c, [None] * len(self.blocks), form)
         return self.unpatchify(self.final_layer(tokens, c))
@@ -214,6 +241,8 @@ class ARFlow(nn.Module):
         """One image-chunk through the recurrent form: reads `state` (all earlier chunks; None
         for none) and returns the velocity and the state advanced by this chunk. `state` itself
         is not modified, so an extra evaluation (e.g. Heun's corrector) can reuse it.
+        Labels are range-checked when a sequence starts (state None): one host sync per
+        sequence, not per step.
 
         x: (B, C, H, W); t: (B,); y: (B,) -> ((B, C, H, W), ARFlowState).
         """
@@ -223,6 +252,7 @@ class ARFlow(nn.Module):
             )
         self.check_inputs(x[:, None], t[:, None], y)
         if state is None:
+            self.check_labels(y)
             layers, seen = [None] * len(self.blocks), 0
         else:
             if len(state.layers) != len(self.blocks):
@@ -237,7 +267,7 @@ class ARFlow(nn.Module):
         tokens, c = self.embed(x[:, None], t[:, None], y)
         tokens, layers = self.run_blocks(tokens, c, layers, "recurrent")
         v = self.unpatchify(self.final_layer(tokens, c))[:, 0]
-        return v, ARFlowState(layers, seen + 1)
+        return v, ARFlowState(layers, seen + 1, x.shape[0])
 
 
 # ---------------------------------------------------------------------------------------- zoo
@@ -273,13 +303,16 @@ def create_model(
     num_classes: int = 1000,
     learn_sigma: bool = True,
     class_dropout_prob: float = 0.1,
+    attention: str = "hybrid",
 ) -> ARFlow:
-    """Build a zoo model, e.g. create_model("ARFlow-XL/2") for 256 px ImageNet latents."""
+    """Build a zoo model, e.g. create_model("ARFlow-XL/2") for 256 px ImageNet latents;
+    attention="causal_softmax" builds the paper's attention ablation of the same size."""
     return ARFlow(
         input_size=input_size,
         in_channels=in_channels,
         num_classes=num_classes,
         learn_sigma=learn_sigma,
         class_dropout_prob=class_dropout_prob,
+        attention=attention,
         **model_kwargs(name),
     )

@@ -22,41 +22,24 @@ memory in the number of images. Three forms compute the same function over one p
 - `naive`: explicit loops over images, heads and tokens; a reference for tests only.
 
 The inter-image term is computed in fp32 whatever the input dtype: the state sums many images'
-products and is carried over hundreds of sampling steps.
+products and is carried over hundreds of sampling steps. The projections and the gated output
+are shared with the block-causal softmax ablation (sequence_attention.py).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import rms_norm
+from .sequence_attention import SequenceAttention
 
 try:  # optional GPU kernel; SDPA is the portable path
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the install
     flash_attn_func = None
-
-FORMS = ("parallel", "recurrent", "naive")
-
-
-class Projections(NamedTuple):
-    """Per-head projections of one or more images, head-major. Shapes with S images of N
-    tokens and H heads: q, k, v: (B, S, H, N, d), each RMS-normalised over the full width D
-    before the split into heads; k NOT yet scaled by 1/sqrt(d) (the scale is folded into the
-    softmax and into the d x d state updates, which saves a pass over k); gamma: (B, S, H, N)
-    fp32; gate: (B, S, N, D).
-    """
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    gamma: torch.Tensor
-    gate: torch.Tensor
 
 
 def intra_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -132,7 +115,7 @@ def check_state(state: torch.Tensor, batch: int, heads: int, head_dim: int) -> N
         )
 
 
-class HybridAttention(nn.Module):
+class HybridAttention(SequenceAttention):
     """Hybrid intra-image softmax / inter-image gated linear attention.
 
     Parameters (names of the public release): q_proj, k_proj, v_proj, g_proj, out_proj (D -> D)
@@ -140,18 +123,9 @@ class HybridAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, gate_logit_normalizer: float = 16.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads)
         self.gate_logit_normalizer = gate_logit_normalizer
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.g_proj = nn.Linear(dim, dim, bias=False)
         self.gt_proj = nn.Linear(dim, num_heads, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(
         self,
@@ -166,6 +140,7 @@ class HybridAttention(nn.Module):
         `form="recurrent"` takes exactly one image (S = 1).
         """
         B, S = h.shape[:2]
+        self.check_form(form, S)
         if state is None:
             state = h.new_zeros(
                 B, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32
@@ -173,79 +148,43 @@ class HybridAttention(nn.Module):
         check_state(state, B, self.num_heads, self.head_dim)
         if form == "naive":
             return self.naive(h, c, state)
-        p = self.project(h, c)
+        # Head-major views (B, S, H, N, d): the layout of the attention kernels.
+        q, k, v = (t.transpose(2, 3) for t in self.project_qkv(h))
+        gamma = self.decay_logits(h, c)
+        intra = intra_image_attention(q, k, v).float()
         if form == "parallel":
-            mixed, state = self.parallel(p, state)
-        elif form == "recurrent":
-            if S != 1:
-                raise ValueError(f"the recurrent form takes one image per call, got S={S}")
-            mixed, state = self.recurrent(p, state)
+            inter, state = inter_image_parallel(q, k, v, gamma, state)
         else:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        return self.output(mixed, p.gate), state
+            inter, state = inter_image_step(q[:, 0], k[:, 0], v[:, 0], gamma[:, 0], state)
+            inter = inter[:, None]
+        # Token-major before the output norm: the attention kernels lay their output out that
+        # way, so the transpose is usually free and the heads flatten without a copy.
+        return self.gated_output((intra + inter).transpose(2, 3), h), state
 
-    def project(self, h: torch.Tensor, c: torch.Tensor) -> Projections:
-        """h: (B, S, N, D), c: (B, S, D) -> the per-head projections every form shares."""
-        H, d = self.num_heads, self.head_dim
-        # Each projection runs through its own module (never by reading .weight here): sharding
-        # engines such as ZeRO-3 gather a module's parameters only around its own forward.
-        # The norm spans all D channels jointly, before the split into heads: the release's
-        # weights were trained that way, and per-head statistics would give other outputs.
-        q, k, v = (
-            rms_norm(proj(h)).unflatten(-1, (H, d)).transpose(2, 3)  # (B, S, H, N, d) views
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+    def decay_logits(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """h: (B, S, N, D), c: (B, S, D) -> gamma = logsigmoid((h + c) W_gt) / 16, (B, S, H, N)
+        fp32, every value <= 0."""
         # (h + c) W_gt = h W_gt + c W_gt: the conditioning term is computed once per image.
         logits = self.gt_proj(h) + self.gt_proj(c)[:, :, None]
-        gamma = F.logsigmoid(logits.float()).transpose(2, 3) / self.gate_logit_normalizer
-        return Projections(q, k, v, gamma, self.g_proj(h))
-
-    def output(self, mixed: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """mixed: O1 + O2 (B, S, H, N, d); gate: (B, S, N, D) -> (B, S, N, D)."""
-        # Token-major before the norm: the attention kernels lay their output out that way,
-        # so the transpose is usually free and the heads flatten without a copy.
-        normed = rms_norm(mixed.transpose(2, 3)).to(gate.dtype).flatten(-2)
-        return self.out_proj(F.silu(gate) * normed)
-
-    def parallel(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All S images at once. Returns (O1 + O2 (B, S, H, N, d) fp32, final state)."""
-        intra = intra_image_attention(p.q, p.k, p.v).float()
-        inter, final = inter_image_parallel(p.q, p.k, p.v, p.gamma, state)
-        return intra + inter, final
-
-    def recurrent(self, p: Projections, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One image (S = 1) against the state of all earlier images."""
-        intra = intra_image_attention(p.q, p.k, p.v).float()
-        inter, new_state = inter_image_step(p.q[:, 0], p.k[:, 0], p.v[:, 0], p.gamma[:, 0], state)
-        return intra + inter[:, None], new_state
+        return F.logsigmoid(logits.float()).transpose(2, 3) / self.gate_logit_normalizer
 
     def naive(
         self, h: torch.Tensor, c: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference: the math of the module docstring transcribed with explicit loops over
         images, heads and tokens, straight from the weights and with its own norms (it shares
-        no code with `project` / `output`, so the tests compare two derivations). fp32, slow,
+        no code with the fast forms, so the tests compare two derivations). fp32, slow,
         for tests only. h: (B, S, N, D), c: (B, S, D), state: (B, H, d, d)."""
         with torch.autocast(h.device.type, enabled=False):
             return self._naive(h.float(), c.float(), state.float(), h.dtype)
 
     def _naive(self, h, c, state, out_dtype):
-        B, S, N, D = h.shape
-        H, d, eps = self.num_heads, self.head_dim, 1e-6
-
-        def rms(x):  # over the last axis, no affine
-            return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-
-        def linear(module, x):
-            return x @ module.weight.float().T
-
-        # RMS statistics over all D channels of each token, then the split into heads.
-        q, k, v = (
-            rms(linear(m, h)).view(B, S, N, H, d) for m in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        B, S, N, _ = h.shape
+        H, d = self.num_heads, self.head_dim
+        q, k, v = self.naive_qkv(h)  # (B, S, N, H, d)
         k = k / d**0.5
-        gamma = F.logsigmoid(linear(self.gt_proj, h + c[:, :, None])) / self.gate_logit_normalizer
-        gate = F.silu(linear(self.g_proj, h))
+        logits = self.naive_linear("gt_proj", h + c[:, :, None])
+        gamma = F.logsigmoid(logits) / self.gate_logit_normalizer  # (B, S, N, H)
         heads = list(state.unbind(1))  # H_s per head, (B, d, d)
         images = []
         for s in range(S):
@@ -260,5 +199,5 @@ class HybridAttention(nn.Module):
                     mixed[:, i, head] = intra[:, i] + inter[:, 0]
                 lam = gamma[:, s, :, head].mean(dim=1).exp()
                 heads[head] = lam[:, None, None] * heads[head] + ks.transpose(1, 2) @ vs
-            images.append(linear(self.out_proj, gate[:, s] * rms(mixed).flatten(-2)))
+            images.append(self.naive_output(h[:, s], mixed))
         return torch.stack(images, dim=1).to(out_dtype), torch.stack(heads, dim=1)
