@@ -7,12 +7,14 @@ import shutil
 import tarfile
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from arflow.data import BadSampleWarning, SequenceLoader, ShardError, load_manifest
+from arflow.data.shards import tar_members
 
 
 def stored_samples(url: str) -> dict[int, np.ndarray]:
@@ -140,6 +142,37 @@ def test_no_workers_runs_in_process(digits_shards):
         SequenceLoader(digits_shards, seq_len=3, batch_size=2, num_workers=0, pin_memory=True), 1
     )[0]
     assert x.shape == (2, 3, 3, 8, 8) and y.shape == (2,)
+
+
+@pytest.mark.parametrize("prefetch_factor", [1, 4])
+def test_prefetch_depth_does_not_change_the_batches(digits_shards, prefetch_factor):
+    # Workers write micro-batches into prefetch_factor + 1 reused slots: a slot rewritten before
+    # the loader copied it out would show as a batch that differs from the default's.
+    args = dict(seq_len=5, batch_size=6, num_workers=2, seed=1)
+    reference = take(SequenceLoader(digits_shards, **args), 40)
+    other = take(SequenceLoader(digits_shards, prefetch_factor=prefetch_factor, **args), 40)
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(reference, other)
+    )
+    assert len({a[0].data_ptr() for a in other}) == 40  # every batch owns its memory
+
+
+def test_tar_members_reads_what_tarfile_reads_and_refuses_a_bad_header(digits_shards, tmp_path):
+    url = load_manifest(digits_shards).shards[3].url
+    with tarfile.open(url) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar]
+    with open(url, "rb") as f:
+        members = [(name, bytes(data)) for name, data in tar_members(f)]
+    assert members == expected
+    broken = tmp_path / "broken.tar"
+    raw = bytearray(Path(url).read_bytes())
+    raw[2 * 512 + 5] ^= 1  # a name byte in the second member's header (after 512 + 512 bytes)
+    broken.write_bytes(raw)
+    with (
+        open(broken, "rb") as f,
+        pytest.raises(ValueError, match="tar header at byte 1024 has a bad checksum"),
+    ):
+        list(tar_members(f))
 
 
 # -- damaged shards ---------------------------------------------------------------------------

@@ -275,7 +275,8 @@ def test_vae_moments_of_image_and_flip(vae_shards, tiny_vae):
 
 def test_loader_draws_latents_from_the_stored_moments(vae_shards):
     from arflow.data import SequenceLoader
-    from arflow.data.plan import NOISE, PlanConfig, Planner
+    from arflow.data.plan import PlanConfig, Planner
+    from arflow.data.sequences import noise_seed
 
     _, out = vae_shards
     loader = SequenceLoader(
@@ -309,9 +310,9 @@ def test_loader_draws_latents_from_the_stored_moments(vae_shards):
         groups = planner.groups(shard, epoch)
         members = [stored[i][1] for i in ids]
         group = next(g for g in range(len(groups.members)) if groups.members[g].tolist() == members)
-        eps = np.random.default_rng([7, NOISE, epoch, shard, group]).standard_normal(
-            (3, 4, 8, 8), dtype=np.float32
-        )
+        # the sequence's own generator, keyed by (seed, epoch, shard, group)
+        generator = torch.Generator().manual_seed(noise_seed(7, epoch, shard, group))
+        eps = torch.randn((3, 4, 8, 8), generator=generator).numpy()
         for k, sample_id in enumerate(ids):
             flip = int(groups.flips[group][k])
             flips_seen.add(flip)

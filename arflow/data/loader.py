@@ -58,6 +58,7 @@ credentials raise StorageError naming the URL after bounded retries (see :mod:`a
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator
 
@@ -68,7 +69,7 @@ from torch.utils.data import DataLoader
 from arflow.data.errors import ManifestError, ShardError
 from arflow.data.manifest import Manifest, load_manifest
 from arflow.data.plan import Layout, PlanConfig, Planner, PlanView, Position
-from arflow.data.sequences import ReadOptions, SequenceStream
+from arflow.data.sequences import ReadOptions, SequenceStream, Slots
 from arflow.data.storage import RetryPolicy
 
 STATE_FORMAT = 1
@@ -233,6 +234,12 @@ class SequenceLoader:
     # -- iteration -----------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple]:
+        workers = self.num_workers
+        layout = self.layout
+        rows = [layout.micro_batch(s) for s in self._local_streams()]
+        shape = (self.seq_len, *self.manifest.sample_shape)
+        depth = self.prefetch_factor + 1 if workers else 1
+        slots = Slots(layout.streams_per_rank, depth, max(rows), shape, shared=workers > 0)
         stream = SequenceStream(
             self.manifest,
             self._view,
@@ -240,22 +247,26 @@ class SequenceLoader:
             list(self._positions),
             list(self._bad),
             self._options,
+            slots,
         )
-        workers = self.num_workers
         loader = DataLoader(
             stream,
             batch_size=None,
             num_workers=workers,
             prefetch_factor=self.prefetch_factor if workers else None,
+            collate_fn=_as_is,  # not default_convert: the small numpy parts stay inline
         )
-        return self._batches_from(iter(loader))
+        return self._batches_from(iter(loader), slots, rows, shape)
 
-    def _batches_from(self, parts_iter) -> Iterator[tuple]:
+    def _batches_from(self, parts_iter, slots: Slots, rows: list[int], shape) -> Iterator[tuple]:
         pin = self.pin_memory and torch.cuda.is_available()
-        while True:
+        for index in itertools.count():
             parts = [next(parts_iter) for _ in self._local_streams()]
-            for w, part in enumerate(parts):
-                epoch, r, j, bad = part[2]
+            for w, (part_index, _, (epoch, r, j, bad), _) in enumerate(parts):
+                if part_index != index:  # the slots would be read out of order
+                    raise RuntimeError(
+                        f"data worker {w} sent micro-batch {part_index}, not {index}"
+                    )
                 self._positions[w], self._bad[w] = (epoch, r, j), bad
             self._batches += 1
             if sum(self._bad) > self.max_bad_samples:
@@ -264,15 +275,12 @@ class SequenceLoader:
                     f"max_bad_samples={self.max_bad_samples} (see the BadSampleWarnings)"
                 )
             # numpy, not torch.cat: torch's intra-op threads contend with the training step for cores
-            x, y = (torch.from_numpy(np.concatenate([p[i].numpy() for p in parts])) for i in (0, 1))
-            if pin:
-                x, y = x.pin_memory(), y.pin_memory()
+            x = slots.batch(index, rows, torch.empty((sum(rows), *shape), pin_memory=pin))
+            y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+            y = y.pin_memory() if pin else y
             if self._options.return_meta:
-                meta = {
-                    key: torch.from_numpy(np.concatenate([p[3][key].numpy() for p in parts]))
-                    for key in parts[0][3]
-                }
-                yield x, y, meta
+                meta = {k: np.concatenate([p[3][k] for p in parts]) for k in parts[0][3]}
+                yield x, y, {k: torch.from_numpy(v) for k, v in meta.items()}
             else:
                 yield x, y
 
@@ -349,3 +357,7 @@ class SequenceLoader:
             [(first, 0, 0)] * streams,
             [0] * streams,
         )
+
+
+def _as_is(item):
+    return item

@@ -13,6 +13,8 @@ b = the stream's share of the batch (Layout.micro_batch). Flips and latent noise
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,6 +82,48 @@ class OpenShard:
         self._samples.close()
 
 
+class Slots:
+    """Buffers the streams write their micro-batches into, shared with the DataLoader workers.
+
+    Returning each micro-batch as a tensor of its own would cost, per micro-batch, a new
+    shared-memory segment, its page faults, and an authenticated socket hand-over of its file
+    descriptor (~1 ms together: more than decoding 80 digits). Instead the loader allocates,
+    once per iterator and before the workers start, ``depth`` slots per stream; stream w writes
+    its micro-batch m into slot m % depth and returns only the small parts, and the loader copies
+    batch m out of the slots before it asks for anything more. DataLoader asks a worker for its
+    micro-batch m only after it has handed out the worker's micro-batch m - prefetch_factor, so
+    with depth = prefetch_factor + 1 a slot is never rewritten before it was copied;
+    ``assembled`` (batches copied so far, shared) lets a worker check that and fail loudly.
+
+    buffers: float32 (streams of this rank, depth, micro-batch, n, C, H, W).
+    """
+
+    def __init__(self, streams: int, depth: int, rows: int, shape: tuple[int, ...], shared: bool):
+        self.depth = depth
+        self.buffers = torch.empty((streams, depth, rows, *shape))
+        self.assembled = torch.zeros(1, dtype=torch.int64)
+        if shared:
+            self.buffers.share_memory_()
+            self.assembled.share_memory_()
+
+    def for_writing(self, worker: int, index: int) -> np.ndarray:
+        """The slot of the worker's micro-batch ``index``, (rows, n, C, H, W)."""
+        if index - self.depth >= int(self.assembled[0]):
+            raise RuntimeError(
+                f"data worker {worker} was asked for micro-batch {index} while batch "
+                f"{index - self.depth} still occupies its slot (the DataLoader prefetches more "
+                f"than the {self.depth} slots allow)"
+            )
+        return self.buffers[worker, index % self.depth].numpy()
+
+    def batch(self, index: int, rows: list[int], out: torch.Tensor) -> torch.Tensor:
+        """Copy batch ``index`` (the first rows[w] rows of every worker's slot) into ``out``."""
+        parts = [self.buffers[w, index % self.depth, :r].numpy() for w, r in enumerate(rows)]
+        np.concatenate(parts, out=out.numpy())
+        self.assembled[0] = index + 1
+        return out
+
+
 class SequenceStream(IterableDataset):
     """The streams of one rank; DataLoader worker w runs stream rank * V + w from ``positions[w]``."""
 
@@ -91,9 +135,11 @@ class SequenceStream(IterableDataset):
         positions: list[Position],
         bad_samples: list[int],
         options: ReadOptions,
+        slots: Slots,
     ):
         self.manifest, self.view, self.rank = manifest, view, rank
         self.positions, self.bad_samples, self.options = positions, bad_samples, options
+        self.slots = slots
         self._offsets = np.cumsum([0] + [s.count for s in manifest.shards])
 
     def __iter__(self) -> Iterator[tuple]:
@@ -115,33 +161,29 @@ class SequenceStream(IterableDataset):
                 )
 
         size = self.view.layout.micro_batch(stream)
-        n, shape = self.view.planner.config.seq_len, tuple(self.manifest.sample_shape)
-        x = np.empty((size, n, *shape), np.float32)
+        noise = torch.Generator()  # re-seeded per sequence, see _images
+        index = 0  # of the micro-batch being filled
+        x = self.slots.for_writing(worker, index)
         ys, ids, epochs = [], [], []
         for (epoch, r, j), shard, group, groups, arrays in self._groups(
             stream, self.positions[worker], on_bad
         ):
             if any(a is None for a in arrays):
                 continue  # a bad member: the sequence is dropped (the sample was reported when read)
-            self._images(arrays, groups.flips[group], epoch, shard, group, out=x[len(ys)])
+            self._images(arrays, groups.flips[group], (epoch, shard, group), noise, x[len(ys)])
             ys.append(self.manifest.shards[shard].class_id)
             ids.append(self._offsets[shard] + groups.members[group])
             epochs.append(epoch)
             if len(ys) == size:
-                item = (
-                    torch.from_numpy(x),
-                    torch.tensor(ys, dtype=torch.int64),
+                meta = {"sample_ids": np.stack(ids), "epoch": np.array(epochs, np.int64)}
+                yield (
+                    index,
+                    np.array(ys, np.int64),
                     (epoch, r, j, bad),
+                    meta if self.options.return_meta else None,
                 )
-                if self.options.return_meta:
-                    item += (
-                        {
-                            "sample_ids": torch.from_numpy(np.stack(ids)),
-                            "epoch": torch.tensor(epochs, dtype=torch.int64),
-                        },
-                    )
-                yield item
-                x = np.empty_like(x)
+                index += 1
+                x = self.slots.for_writing(worker, index)
                 ys, ids, epochs = [], [], []
 
     def _groups(self, stream: int, position: Position, on_bad):
@@ -182,23 +224,37 @@ class SequenceStream(IterableDataset):
         self,
         arrays: list[np.ndarray],
         flips: np.ndarray,
-        epoch: int,
-        shard: int,
-        group: int,
+        key: tuple[int, int, int],
+        noise: torch.Generator,
         out: np.ndarray,
     ) -> None:
-        """n stored arrays and their flip bits (n,) -> ``out`` (n, C, H, W) float32, written in place."""
+        """n stored arrays and their flip bits (n,) -> ``out`` (n, C, H, W) float32, in place.
+
+        key: (epoch, shard, group), which seeds the sequence's latent noise.
+        """
         if self.manifest.encoding == "pixels":
             for k, (array, flip) in enumerate(zip(arrays, flips)):
                 np.divide(array[..., ::-1] if flip else array, np.float32(127.5), out=out[k])
             out -= 1
             return
-        # latents: (mean + exp(logvar / 2) * eps) * scale, with the flipped image's moments when flipped
+        # latents: (mean + exp(logvar / 2) * eps) * scale, the flipped image's moments when flipped.
+        # torch's normal sampler is ~3x numpy's; the whole sequence's noise in one call.
+        noise.manual_seed(noise_seed(self.view.planner.config.seed, *key))
+        torch.randn(out.shape, generator=noise, out=torch.from_numpy(out))
+        moments = np.stack([a[int(f)] for a, f in zip(arrays, flips)]).astype(
+            np.float32, copy=False
+        )
         channels = out.shape[1]
-        rng = np.random.default_rng([self.view.planner.config.seed, NOISE, epoch, shard, group])
-        rng.standard_normal(dtype=np.float32, out=out)
-        for k, (array, flip) in enumerate(zip(arrays, flips)):
-            moments = array[int(flip)].astype(np.float32, copy=False)  # (2C, H, W): [mean; logvar]
-            out[k] *= np.exp(moments[channels:] / 2)
-            out[k] += moments[:channels]
+        out *= np.exp(moments[:, channels:] * np.float32(0.5))
+        out += moments[:, :channels]
         out *= np.float32(self.manifest.scaling_factor)
+
+
+def noise_seed(seed: int, epoch: int, shard: int, group: int) -> int:
+    """The 64-bit seed of one sequence's latent noise (torch.Generator.manual_seed).
+
+    A function of the sequence alone, like its members and flips, so resuming needs no generator
+    state and a sequence is the same whichever stream (rank, worker, world size) emits it.
+    """
+    digest = hashlib.blake2b(struct.pack("<5q", seed, NOISE, epoch, shard, group), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")
