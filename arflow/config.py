@@ -131,6 +131,58 @@ class LoggingConfig:
     tags: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How images are sampled: the one settings type of the `samples` and `eval` sections,
+    launchers/sample.py and `arflow.flow.samplers.sample`. Defaults are the reference's: SiT's
+    SDE with 250 steps, no guidance (CFG on the first 3 channels when scale != 1)."""
+
+    method: Literal["sde", "euler", "heun"] = "sde"
+    steps: int = 250  # sde: points on [0, 1 - last_step_size], then the final mean step
+    cfg_scale: float = 1.0  # classifier-free guidance; 1 = none
+    cfg_channels: int | None = 3  # guide only the first K channels (the reference); null = all
+    last_step_size: float = 0.04  # sde only
+    # "auto": bf16 autocast with TF32 matmuls on CUDA (the inter-image state stays fp32), fp32 on
+    # CPU; "tf32": fp32 activations with TF32 matmuls (the release's sampling); "fp32": exact.
+    precision: Literal["auto", "bf16", "tf32", "fp32"] = "auto"
+
+    # Messages start with the key inside the section; the parser prefixes the section's path.
+    def __post_init__(self):
+        methods = ("sde", "euler", "heun")
+        _check(
+            self.method in methods,
+            "sampler.method",
+            f"must be one of {methods}, got {self.method!r}",
+        )
+        low = 2 if self.method == "sde" else 1
+        _check(
+            self.steps >= low,
+            "sampler.steps",
+            f"must be >= {low} for {self.method!r}, got {self.steps}",
+        )
+        _check(self.cfg_scale >= 0, "sampler.cfg_scale", f"must be >= 0, got {self.cfg_scale}")
+        _check(
+            self.cfg_channels is None or self.cfg_channels >= 1,
+            "sampler.cfg_channels",
+            f"must be >= 1 or null (all channels), got {self.cfg_channels}",
+        )
+        _check(
+            0 < self.last_step_size < 1,
+            "sampler.last_step_size",
+            f"must lie in (0, 1), got {self.last_step_size}",
+        )
+        precisions = ("auto", "bf16", "tf32", "fp32")
+        _check(
+            self.precision in precisions,
+            "sampler.precision",
+            f"must be one of {precisions}, got {self.precision!r}",
+        )
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
 @dataclass
 class SamplesConfig:
     """The grid of EMA samples written (and sent to wandb) at each evaluation."""
@@ -138,9 +190,52 @@ class SamplesConfig:
     every: int = 0  # steps; 0 = only together with eval.every and at the end of the run
     classes: list[int] = field(default_factory=lambda: list(range(8)))
     per_class: int = 8
-    method: Literal["sde", "euler", "heun"] = "euler"
-    steps: int = 50
-    cfg_scale: float = 1.0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """FID / Inception Score of the EMA model (periodic in training, launchers/evaluate.py).
+
+    The generated set has num_samples images; sample i has its own noise seed derived from
+    (seed, i) and a label from `labels`: "balanced" gives class i % num_classes (every block of
+    the set is class-balanced), "random" draws it uniformly from a generator keyed by (seed, i),
+    as the public release's evaluation does. Either way a sample depends on (seed, i) and the
+    weights only, so the set is the same for every world size and batch size.
+    """
+
+    every: int = 0  # training steps between periodic evaluations; 0 = never
+    num_samples: int = 50_000
+    batch_size: int = 64  # per rank, for sampling, VAE decoding and Inception features
+    seed: int = 0
+    labels: Literal["balanced", "random"] = "balanced"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # Statistics .npz (keys mu, sigma: tools/fid_reference.py or an ADM reference batch); null
+    # computes the Inception Score only.
+    reference: str | None = None
+    # torch-fidelity InceptionV3 weights file; null = torch-fidelity's cache (downloaded there
+    # only when the machine is online).
+    inception_weights: str | None = None
+    # Local diffusers AutoencoderKL folder that decodes latents (sample grids too); its own
+    # config.json gives the latent scale (checked against the data manifest in training).
+    vae: str | None = None
+    is_splits: int = 10  # Inception Score splits
+
+    def __post_init__(self):
+        _check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _check(self.num_samples >= 1, "eval.num_samples", f"must be >= 1, got {self.num_samples}")
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.seed >= 0, "eval.seed", f"must be >= 0, got {self.seed}")
+        _check(
+            self.labels in ("balanced", "random"),
+            "eval.labels",
+            f"must be 'balanced' or 'random', got {self.labels!r}",
+        )
+        _check(
+            1 <= self.is_splits <= self.num_samples,
+            "eval.is_splits",
+            f"must lie in [1, num_samples={self.num_samples}], got {self.is_splits}",
+        )
 
 
 @dataclass
@@ -155,9 +250,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
-    # The evaluation section belongs to arflow.eval (its EvalConfig); kept as given here and
-    # parsed by `eval_config()` so loading a config never imports the evaluation stack.
-    eval: dict = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ------------------------------------------------------------------------------ derived
     @property
@@ -166,18 +259,6 @@ class Config:
 
     def grad_accumulation(self, world_size: int) -> int:
         return self.train.global_batch_size // (world_size * self.train.micro_batch_size)
-
-    def eval_config(self):
-        """arflow.eval.EvalConfig of the `eval` section, or None when evaluation is off."""
-        if not self.eval:
-            return None
-        from arflow.eval import EvalConfig
-
-        try:
-            cfg = EvalConfig.from_dict(self.eval)
-        except (TypeError, ValueError, KeyError) as e:
-            raise ConfigError(f"eval: {e}") from e
-        return cfg if getattr(cfg, "every", 0) else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -254,8 +335,12 @@ class Config:
             "samples.classes",
             f"class ids must lie in [0, {m.num_classes - 1}]",
         )
-        _check(s.steps >= 2, "samples.steps", "must be >= 2")
-        self.eval_config()  # the evaluation section's own checks
+        _check(
+            not self.eval.every or m.in_channels in (1, 3) or self.eval.vae is not None,
+            "eval.vae",
+            f"the model works on {m.in_channels}-channel latents: FID needs the local "
+            f"AutoencoderKL folder that decodes them",
+        )
         return self
 
 
@@ -336,7 +421,13 @@ def _from_dict(cls, data: Any, prefix: str = ""):
         name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
         for name, value in data.items()
     }
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # A section's own checks name the key from its section name on ("sampler.steps: ...");
+        # put the path of the section's parent in front ("eval.sampler.steps: ...").
+        parent = prefix.rpartition(".")[0]
+        raise ConfigError(f"{parent}.{e}" if parent else str(e)) from None
 
 
 def _parse_value(text: str) -> Any:

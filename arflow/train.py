@@ -25,10 +25,10 @@ from arflow.distributed.backend import Backend, build_backend
 from arflow.distributed.checkpoint import CheckpointManager, Found, fetch
 from arflow.distributed.ema import EMA
 from arflow.distributed.env import DistInfo, any_true, init_distributed, shutdown
-from arflow.eval.generate import to_uint8
 from arflow.flow.transport import training_loss
 from arflow.models import ARFlow
-from arflow.utils.images import save_grid
+from arflow.models.vae import load_vae
+from arflow.utils.images import grid_pixels, save_grid
 from arflow.utils.metrics import MetricsLogger, peak_memory_gb
 from arflow.utils.rng import preserved_rng, rng_state, seed_rank, set_rng_state
 from arflow.utils.schedule import lr_at
@@ -113,17 +113,25 @@ def check_compatible(found: Found, cfg: Config, world_size: int) -> bool:
     return found.meta["world_size"] != world_size or stage_changed
 
 
-def grid_pixels(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> uint8 with 3 channels (or 1: grey data, or latents without
-    a VAE to decode them, shown by their first channel)."""
-    x = images[:, :3] if images.shape[1] == 3 else images[:, :1]
-    return to_uint8(x.float()).cpu()
+def check_eval_files(cfg: Config) -> None:
+    """The periodic evaluation's files (Inception weights, reference statistics) exist and its
+    libraries are installed; checked at start, not at the first evaluation."""
+    try:
+        from arflow.eval import check_eval_files as check
+    except ImportError as err:
+        raise ConfigError(
+            f"eval.every: periodic FID / IS needs the `eval` extra (pip install 'arflow[eval]'): "
+            f"{err}"
+        ) from err
+    check(cfg.eval)
 
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, resume: str | None = None):
         self.cfg = cfg.validate(info.world_size)
         self.info = info
+        if cfg.eval.every:
+            check_eval_files(cfg)  # hours before the first evaluation would find them missing
         self.run_dir = Path(cfg.run.dir)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, info, cfg.checkpoint.keep_last)
         self.grad_accum = cfg.grad_accumulation(info.world_size)
@@ -149,6 +157,10 @@ class Trainer:
         # from each rank's copy), then per-rank random streams for noise and label dropout.
         torch.manual_seed(cfg.run.seed)
         module = ARFlow(**arch)
+        # Fixed tables (pos_embed) are not trainable, hence not in the EMA: kept for full_model.
+        self._frozen = {
+            n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad
+        }
         self.backend: Backend = build_backend(module, cfg, info, reshard_resume=reshard)
         self.ema = EMA(self.backend.master_params(), cfg.ema.decay)
         seed_rank(cfg.run.seed, info.rank)
@@ -160,9 +172,14 @@ class Trainer:
         self.logger = MetricsLogger(cfg, info.is_main, self.step, resumed=found is not None)
         if found:
             self.logger.message(f"resumed from {found.url} at step {self.step}")
-        self.eval_cfg = cfg.eval_config()
-        self._plain = None
-        self._vae = None
+        # The VAE that decodes latent samples (grids, FID), loaded now so that a bad eval.vae or
+        # one of another latent scale than the data fails before training; on the CPU between
+        # evaluations.
+        self.vae = None
+        if cfg.eval.vae:
+            manifest = getattr(self.loader, "manifest", None)
+            scale = manifest.scaling_factor if manifest is not None else None
+            self.vae = load_vae(cfg.eval.vae, "cpu", scaling_factor=scale)
 
     # ------------------------------------------------------------------------ checkpoints
     def _rank_file(self, root: str, rank: int) -> str:
@@ -219,70 +236,63 @@ class Trainer:
 
     # -------------------------------------------------------------------- EMA sampling
     def full_model(self, tensors: dict[str, torch.Tensor]) -> ARFlow:
-        """A plain (unsharded) model holding `tensors` (laid out like the backend's master
-        weights), on every rank; collective. Reuses one module between calls."""
+        """A plain (unsharded) fp32 model holding `tensors` (laid out like the backend's master
+        weights), on every rank; collective. Built for the call and dropped by the caller, so no
+        rank keeps a full copy between evaluations; the module is built on the meta device and
+        takes the gathered tensors as its parameters (no second copy)."""
         full = self.backend.gather_full(tensors)
-        if self._plain is None:
+        full.update({n: t.to(self.info.device) for n, t in self._frozen.items()})
+        with torch.device("meta"):
             model = ARFlow(**self.cfg.model.architecture())
-            self._frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-            self._plain = model.to(self.info.device).eval().requires_grad_(False)
-        result = self._plain.load_state_dict(full, strict=False)
-        if result.unexpected_keys or set(result.missing_keys) != self._frozen:
-            raise RuntimeError(f"weights do not match the model: {result}")
-        return self._plain
+        model.load_state_dict(full, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
 
     def ema_model(self) -> ARFlow:
         return self.full_model(self.ema.shadow)
 
     def evaluate(self) -> None:
-        """EMA sample grid (rank 0 samples) and, when configured, FID / IS (all ranks)."""
-        from arflow.flow.samplers import SamplerConfig, sample
+        """EMA sample grid (rank 0 samples) and, when due, FID / IS (all ranks). The gathered EMA
+        model and the VAE's device copy exist for this call only."""
+        from arflow.flow.samplers import sample
 
         model = self.ema_model()
-        s = self.cfg.samples
-        if self.info.is_main:
-            labels = torch.tensor([c for c in s.classes for _ in range(s.per_class)])
-            seeds = list(range(len(labels)))
-            images = sample(
-                model,
-                labels,
-                seeds,
-                SamplerConfig(method=s.method, steps=s.steps, cfg_scale=s.cfg_scale),
-            )
-            images = self._to_pixels(images)
-            grid_dir = self.run_dir / "samples"
-            grid_dir.mkdir(parents=True, exist_ok=True)
-            path = grid_dir / f"ema_step_{self.step:09d}.png"
-            save_grid(grid_pixels(images), path, cols=s.per_class)
-            self.logger.log_image(
-                self.step, "ema_samples", path, f"EMA, step {self.step}, rows = classes {s.classes}"
-            )
-            self.logger.message(f"step {self.step}: EMA sample grid {path}")
-        if self.eval_cfg is not None and self.step % self.eval_cfg.every == 0:
-            from arflow.eval import evaluate
+        vae = self.vae.to(self.info.device) if self.vae is not None else None
+        try:
+            s = self.cfg.samples
+            if self.info.is_main:
+                labels = torch.tensor([c for c in s.classes for _ in range(s.per_class)])
+                images = sample(model, labels, list(range(len(labels))), s.sampler)
+                if vae is not None and images.shape[1] == vae.latent_channels:
+                    images = vae.decode(images)
+                grid_dir = self.run_dir / "samples"
+                grid_dir.mkdir(parents=True, exist_ok=True)
+                path = grid_dir / f"ema_step_{self.step:09d}.png"
+                save_grid(grid_pixels(images), path, cols=s.per_class)
+                self.logger.log_image(
+                    self.step,
+                    "ema_samples",
+                    path,
+                    f"EMA, step {self.step}, rows = classes {s.classes}",
+                )
+                self.logger.message(f"step {self.step}: EMA sample grid {path}")
+            if self._due(self.cfg.eval.every):
+                from arflow.eval import evaluate
 
-            result = evaluate(
-                model, self.eval_cfg, device=self.info.device, progress=self.info.is_main
-            )
-            self.logger.log(
-                self.step,
-                {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
-            )
+                result = evaluate(
+                    model,
+                    self.cfg.eval,
+                    device=self.info.device,
+                    progress=self.info.is_main,
+                    vae=vae,
+                )
+                self.logger.log(
+                    self.step,
+                    {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
+                )
+        finally:
+            if vae is not None:
+                vae.to("cpu")
         dist.barrier()
-
-    def _to_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """Latent samples are decoded with the evaluation's VAE (`eval.vae`) when one is set;
-        without it the grid shows the first latent channels."""
-        vae_path = self.cfg.eval.get("vae")
-        if not vae_path or images.shape[1] == 3:
-            return images
-        from arflow.eval.generate import load_vae
-
-        if self._vae is None:
-            self._vae = load_vae(vae_path, self.info.device)
-        scale = self.cfg.eval.get("latent_scale", 0.18215)
-        with torch.no_grad():
-            return self._vae.decode(images.to(self.info.device) / scale).sample.float()
 
     def export(self) -> None:
         """Rank 0 writes the full fp32 weights, `model.safetensors` (master) and
@@ -392,10 +402,9 @@ class Trainer:
                 if preempted or self._due(cfg.checkpoint.every) or self.step == cfg.train.steps:
                     with preserved_rng():
                         self.save()
-                eval_every = self.eval_cfg.every if self.eval_cfg is not None else 0
                 if not preempted and (
                     self._due(cfg.samples.every)
-                    or self._due(eval_every)
+                    or self._due(cfg.eval.every)
                     or self.step == cfg.train.steps
                 ):
                     with preserved_rng():

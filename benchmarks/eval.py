@@ -9,11 +9,14 @@ Per run (each N in a fresh process, so peak memory is that run's own):
 Presets: "digits" is the CPU demo model (configs/digits_cpu.json's architecture, 8x8 pixels,
 10 classes); "xl256" is ARFlow-XL/2 on 32x32x4 latents with an SD-VAE-shaped decoder, SDE 250
 steps and CFG 1.5, the paper's 256 px setting (meant for a GPU). Weights are random: the cost is
-the real one, the scores are meaningless. Inception weights are random too unless
---inception-weights names the real file (same cost).
+the real one, the scores are meaningless. Inception weights are random too (the test suite's
+generator, tests/random_inception.py) unless --inception-weights names the real file (same cost).
+
+On CUDA, sampling runs at the sampler's `precision` ("auto": bf16 autocast with TF32, the
+default; "fp32" for the comparison) and peak_gpu_mb is the allocator's peak of the run.
 
     python benchmarks/eval.py [--preset digits] [--num-samples 1000 10000] [--device cpu]
-                              [--steps 250] [--batch-size 64]
+                              [--steps 250] [--batch-size 64] [--precision auto]
 
 --steps shortens the sampler (e.g. to measure the memory curve of large N in less time).
 """
@@ -31,10 +34,12 @@ from pathlib import Path
 
 import torch
 
-from arflow.eval import EvalConfig, evaluate
-from arflow.eval.inception import write_random_weights
-from arflow.flow.samplers import SamplerConfig
+from arflow.config import EvalConfig, SamplerConfig
+from arflow.eval import evaluate
 from arflow.models import ARFlow, create_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from random_inception import write_random_weights  # noqa: E402
 
 PRESETS = {
     "digits": dict(sampler=SamplerConfig(method="sde", steps=250), batch_size=64),
@@ -56,9 +61,7 @@ def build_model(preset: str, device: str) -> ARFlow:
         )
     else:
         model = create_model("ARFlow-XL/2", input_size=32, in_channels=4, num_classes=1000)
-        if device == "cuda":
-            model = model.to(torch.bfloat16)  # sampling precision of a GPU run
-    return model.to(device).eval()
+    return model.to(device).eval()  # fp32 weights, as the trainer's gathered EMA model
 
 
 def write_sd_shaped_vae(folder: Path) -> str:
@@ -86,8 +89,9 @@ def child(args) -> dict:
         vae = write_sd_shaped_vae(Path(tmp) / "vae") if args.preset == "xl256" else None
         preset = PRESETS[args.preset]
         sampler = preset["sampler"]
-        if args.steps:
-            sampler = dataclasses.replace(sampler, steps=args.steps)
+        sampler = dataclasses.replace(
+            sampler, steps=args.steps or sampler.steps, precision=args.precision
+        )
         cfg = EvalConfig(
             num_samples=args.num_samples[0],
             batch_size=args.batch_size or preset["batch_size"],
@@ -106,6 +110,7 @@ def child(args) -> dict:
         "num_samples": result["num_samples"],
         "batch_size": cfg.batch_size,
         "sampler": f"{cfg.sampler.method} {cfg.sampler.steps} steps, cfg {cfg.sampler.cfg_scale}",
+        "precision": cfg.sampler.precision,
         "seconds": round(result["seconds"], 2),
         "samples_per_s_per_rank": round(result["num_samples"] / result["seconds"], 3),
         "feature_share": round(result["feature_seconds"] / result["seconds"], 3),
@@ -123,6 +128,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="per rank (default: the preset's)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the preset's, 250)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "tf32", "fp32"),
+        default="auto",
+        help="sampler precision (auto: bf16 autocast + TF32 on CUDA, fp32 on CPU)",
+    )
     parser.add_argument(
         "--inception-weights", help="real weights file (default: random, same cost)"
     )
@@ -143,6 +154,8 @@ def main() -> None:
             str(n),
             "--device",
             args.device,
+            "--precision",
+            args.precision,
         ]
         for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
             if value:

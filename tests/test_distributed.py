@@ -54,7 +54,7 @@ def tiny_config(
         },
         "checkpoint": {"every": 1000, "keep_last": 2},
         "logging": {"every": 1, "wandb": False, "progress": False},
-        "samples": {"classes": [0, 1], "per_class": 2, "steps": 3},
+        "samples": {"classes": [0, 1], "per_class": 2, "sampler": {"method": "euler", "steps": 3}},
     }
     for key, value in sections.items():
         cfg[key].update(value)
@@ -284,7 +284,8 @@ def assert_sample_cli_writes_grid(ckpt: Path, out: Path) -> None:
     from PIL import Image
 
     with Image.open(out) as image:
-        assert image.size == (2 * 8, 2 * 8)  # four 8x8 digits on a 2 x 2 grid
+        # four 8x8 digits on a 2 x 2 grid, each enlarged 8x to 64 px, 2 px between cells
+        assert image.size == (2 * 64 + 2, 2 * 64 + 2)
 
 
 def consolidated_weights(step_dir: Path, backend: str) -> dict[str, torch.Tensor]:

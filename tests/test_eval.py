@@ -1,6 +1,7 @@
 """arflow.eval end to end, offline: random Inception weights through the real loading code,
 a tiny ARFlow, world sizes 1 and 2 (gloo processes) and the ADM `.npz` output."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,15 +10,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from random_inception import write_random_weights
 from safetensors.torch import save_file
 
+from arflow.config import EvalConfig, SamplerConfig, config_from_dict
 from arflow.distributed.env import free_port
-from arflow.eval import EvalConfig, FeatureStats, evaluate, rank_range
+from arflow.eval import FeatureStats, evaluate, rank_range
 from arflow.eval.cli import evaluate_main
-from arflow.eval.generate import ImageGenerator
-from arflow.eval.inception import InceptionFeatures, cached_weights_path, write_random_weights
-from arflow.flow.samplers import SamplerConfig
+from arflow.eval.inception import InceptionFeatures, cached_weights_path
+from arflow.eval.sample_set import ImageGenerator
 from arflow.models import ARFlow
+from arflow.models.vae import load_vae
 
 N = 5  # world size 2 gives ranks 2 and 3 samples; batch 2 leaves a last batch of 1
 
@@ -112,14 +115,18 @@ def two_ranks(tmp_path_factory, inception_weights):
     return tmp, [json.loads((tmp / f"result_{r}.json").read_text()) for r in range(2)]
 
 
+def eval_section(data: dict) -> EvalConfig:
+    return config_from_dict({"eval": data}).eval
+
+
 def test_config_from_dict_nests_the_sampler_and_rejects_unknown_keys():
-    cfg = EvalConfig.from_dict({"num_samples": 100, "sampler": {"method": "euler", "steps": 8}})
+    cfg = eval_section({"num_samples": 100, "sampler": {"method": "euler", "steps": 8}})
     assert cfg.sampler == SamplerConfig(method="euler", steps=8) and cfg.num_samples == 100
-    assert EvalConfig.from_dict(cfg.to_dict()) == cfg
+    assert eval_section(dataclasses.asdict(cfg)) == cfg  # the JSON form round-trips
     with pytest.raises(ValueError, match="eval.num_sample"):
-        EvalConfig.from_dict({"num_sample": 100})
+        eval_section({"num_sample": 100})
     with pytest.raises(ValueError, match="eval.sampler.cfg"):
-        EvalConfig.from_dict({"sampler": {"cfg": 1.5}})
+        eval_section({"sampler": {"cfg": 1.5}})
     with pytest.raises(ValueError, match="eval.is_splits"):
         EvalConfig(num_samples=5)
 
@@ -162,7 +169,7 @@ def test_whole_pipeline_offline_single_process(single):
 
 def test_sample_set_independent_of_batch_size(single):
     tmp, _ = single
-    generator = ImageGenerator(tiny_model(), SamplerConfig(method="sde", steps=3), 7, "cpu")
+    generator = ImageGenerator(tiny_model(), SamplerConfig(method="sde", steps=3), 7)
     _, images = generator(range(N))  # one batch of 5 instead of 2 + 2 + 1
     with np.load(tmp / "world1.npz") as npz:
         np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), npz["arr_0"])
@@ -277,11 +284,11 @@ def test_latent_models_are_decoded_with_the_vae(tmp_path):
     )
     sampler = SamplerConfig(method="euler", steps=2)
     with pytest.raises(ValueError, match="set eval.vae"):
-        ImageGenerator(model, sampler, 0, "cpu")
-    generator = ImageGenerator(model, sampler, 0, "cpu", vae=str(tmp_path / "vae"))
+        ImageGenerator(model, sampler, 0)
+    generator = ImageGenerator(model, sampler, 0, vae=load_vae(tmp_path / "vae"))
     assert generator.image_shape == (3, 8, 8)  # one 2x upsampling stage
     labels, images = generator(range(3))
     assert labels.tolist() == [0, 1, 2] and images.dtype == torch.uint8
     assert images.shape == (3, 3, 8, 8)
     with pytest.raises(FileNotFoundError, match="cannot load a diffusers AutoencoderKL"):
-        ImageGenerator(model, sampler, 0, "cpu", vae=str(tmp_path / "missing"))
+        load_vae(tmp_path / "missing")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from random_inception import write_random_weights
 
 from arflow.data.writing.build import build_shards
 from arflow.data.writing.encoders import PixelEncoder
@@ -16,8 +17,7 @@ from arflow.data.writing.sources import ImageFolderSource
 from arflow.distributed.env import free_port
 from arflow.eval import frechet_distance, load_reference
 from arflow.eval.cli import fid_main, fid_reference_main
-from arflow.eval.images import image_batches
-from arflow.eval.inception import write_random_weights
+from arflow.eval.image_sets import image_batches
 
 REPO = Path(__file__).resolve().parents[1]
 

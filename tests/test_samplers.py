@@ -103,11 +103,12 @@ def test_sampling_restores_training_mode(model):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="dopri5"), "method must be one of"),
-        (dict(steps=1), "steps must be >= 2"),
-        (dict(cfg_scale=-1.0), "cfg_scale must be >= 0"),
-        (dict(cfg_channels=0), "cfg_channels must be >= 1"),
-        (dict(last_step_size=1.5), "last_step_size"),
+        (dict(method="dopri5"), "sampler.method: must be one of"),
+        (dict(steps=1), "sampler.steps: must be >= 2"),
+        (dict(cfg_scale=-1.0), "sampler.cfg_scale: must be >= 0"),
+        (dict(cfg_channels=0), "sampler.cfg_channels: must be >= 1"),
+        (dict(last_step_size=1.5), "sampler.last_step_size"),
+        (dict(precision="fp16"), "sampler.precision: must be one of"),
     ],
 )
 def test_bad_sampler_config(kwargs, message):

@@ -198,8 +198,7 @@ def test_periodic_fid_inside_training(tmp_path):
     """eval.every runs the distributed FID/IS on the EMA model across both ranks; the results
     land in metrics.jsonl at every evaluation step."""
     import numpy as np
-
-    from arflow.eval.inception import write_random_weights
+    from random_inception import write_random_weights
 
     weights = write_random_weights(tmp_path / "inception.pth")
     np.savez(tmp_path / "reference.npz", mu=np.full(2048, 0.1), sigma=np.eye(2048) * 1e-4)

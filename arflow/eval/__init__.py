@@ -1,31 +1,30 @@
 """Distributed FID / Inception Score evaluation with all-reduced statistics.
 
-    from arflow.eval import EvalConfig, evaluate
-    result = evaluate(ema_model, EvalConfig.from_dict(config["eval"]), device="cuda")
+    from arflow.eval import evaluate
+    result = evaluate(ema_model, config.eval, device="cuda")
 
-Modules: config (EvalConfig), generate (the world-size independent sample set), inception
-(torch-fidelity's InceptionV3 with explicit weights), stats (all-reducible sums), metrics
-(Fréchet distance, IS), sample_npz (ADM `.npz` output), images (image sources for reference
-statistics), reference (statistics of an image set), evaluate (the whole run).
+Modules: inception (torch-fidelity's InceptionV3 with explicit weights), statistics (all-reducible
+sums, Fréchet distance, Inception Score, reference files), sample_set (the world-size independent
+generated set and its ADM `.npz`), image_sets (existing image sets: folders, `.npz`, shards, and
+their statistics), evaluate (the whole run), cli (launchers/evaluate.py, tools/fid*.py). The
+settings are `arflow.config.EvalConfig`, the `eval` section of the run config.
 """
 
-from .config import EvalConfig
-from .evaluate import evaluate
-from .generate import rank_range, sample_label, sample_seed
+from .evaluate import check_eval_files, evaluate
 from .inception import InceptionFeatures, resolve_weights
-from .metrics import frechet_distance, inception_score
-from .stats import FeatureStats, load_reference
+from .sample_set import rank_range, sample_labels, sample_seed
+from .statistics import FeatureStats, frechet_distance, inception_score, load_reference
 
 __all__ = [
-    "EvalConfig",
     "FeatureStats",
     "InceptionFeatures",
+    "check_eval_files",
     "evaluate",
     "frechet_distance",
     "inception_score",
     "load_reference",
     "rank_range",
     "resolve_weights",
-    "sample_label",
+    "sample_labels",
     "sample_seed",
 ]

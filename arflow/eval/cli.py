@@ -13,11 +13,28 @@ import json
 from ..config import apply_overrides, config_from_dict, load_config
 from ..distributed.env import init_distributed, shutdown
 from .checkpoint import load_model
-from .config import EvalConfig
 from .evaluate import evaluate
+from .image_sets import image_set_stats, source_kind, stats_of
 from .inception import InceptionFeatures
-from .metrics import frechet_distance
-from .reference import image_set_stats, stats_file_or_images
+from .statistics import frechet_distance
+
+# The public release's evaluation (its sample_ddp.py + the ADM suite): 50,000 samples with
+# uniformly random labels, SiT's SDE with 250 steps and a final mean step of 0.04, guidance on
+# the first 3 latent channels, fp32 with TF32 matmuls, latents decoded by the VAE (eval.vae, its
+# own scale), images written as an ADM .npz. "paper-cfg" is the guided figure (CFG 1.5).
+PROTOCOLS = {
+    "paper": [
+        "eval.num_samples=50000",
+        "eval.labels=random",
+        "eval.sampler.method=sde",
+        "eval.sampler.steps=250",
+        "eval.sampler.last_step_size=0.04",
+        "eval.sampler.cfg_scale=1.0",
+        "eval.sampler.cfg_channels=3",
+        "eval.sampler.precision=tf32",
+    ],
+}
+PROTOCOLS["paper-cfg"] = [*PROTOCOLS["paper"], "eval.sampler.cfg_scale=1.5"]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +55,16 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--ckpt",
         required=True,
-        help="trainer checkpoint directory (EMA weights), exported .safetensors, or a plain state dict (.safetensors/.pt)",
+        help="trainer checkpoint directory (EMA weights), exported .safetensors, or a plain "
+        "state dict (.safetensors/.pt)",
     )
     parser.add_argument("--config", help="run config JSON (its model and eval sections)")
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        help="preset eval settings: 'paper' reproduces the release's FID-50K protocol, "
+        "'paper-cfg' its guided figure (CFG 1.5); needs --save-npz; --set still overrides",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -52,11 +76,14 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="also write the result JSON to this file (rank 0)")
     _common(parser)
     args = parser.parse_args(argv)
+    if args.protocol and not args.save_npz:
+        parser.error(f"--protocol {args.protocol} writes the ADM .npz: pass --save-npz PATH")
+    overrides = [*PROTOCOLS.get(args.protocol, []), *args.set]
     if args.config:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, overrides)
     else:
-        cfg = config_from_dict(apply_overrides({}, args.set))
-    eval_cfg = EvalConfig.from_dict(cfg.eval)
+        cfg = config_from_dict(apply_overrides({}, overrides))
+    eval_cfg = cfg.eval
     if args.inception_weights:
         eval_cfg = dataclasses.replace(eval_cfg, inception_weights=args.inception_weights)
     info = init_distributed(args.device if args.device != "auto" else cfg.parallel.device)
@@ -95,6 +122,7 @@ def fid_main(argv: list[str] | None = None) -> None:
         p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
         _common(p)
     args = parser.parse_args(argv)
+    _check_sources(parser, [args.src] if args.command == "stats" else [args.a, args.b])
     if args.command == "stats":
         _stats_command(args, resolution=None)
         return
@@ -103,8 +131,7 @@ def fid_main(argv: list[str] | None = None) -> None:
         kwargs = dict(
             batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress
         )
-        a = stats_file_or_images(args.a, args.inception_weights, info.device, **kwargs)
-        b = stats_file_or_images(args.b, args.inception_weights, info.device, **kwargs)
+        a, b = stats_of([args.a, args.b], args.inception_weights, info.device, **kwargs)
         if info.is_main:
             print(json.dumps({"fid": frechet_distance(*a, *b)}))
     finally:
@@ -128,7 +155,18 @@ def fid_reference_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
     _common(parser)
     args = parser.parse_args(argv)
+    _check_sources(parser, [args.src])
     _stats_command(args, resolution=args.resolution)
+
+
+def _check_sources(parser: argparse.ArgumentParser, sources: list[str]) -> None:
+    """A missing or unusable input is an argument error, before any process group, download or
+    Inception work."""
+    for src in sources:
+        try:
+            source_kind(src)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
 
 
 def _stats_command(args: argparse.Namespace, resolution: int | None) -> None:

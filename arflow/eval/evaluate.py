@@ -5,16 +5,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .config import EvalConfig
-from .generate import ImageGenerator, rank_range
-from .inception import InceptionFeatures
-from .sample_npz import SampleNpzWriter
-from .stats import FeatureStats, fid_against, load_reference
+from ..config import EvalConfig
+from ..models.vae import VAE, load_vae
+from .inception import InceptionFeatures, resolve_weights
+from .sample_set import ImageGenerator, SampleNpzWriter, rank_range
+from .statistics import FeatureStats, fid_against, load_reference
+
+
+def check_eval_files(cfg: EvalConfig) -> None:
+    """Fail now, naming the file, if a file the evaluation reads is missing or unreadable: the
+    Inception weights (resolved as InceptionFeatures does) and the reference statistics. The VAE
+    is checked by loading it (arflow.models.vae.load_vae), which its users do up front."""
+    resolve_weights(cfg.inception_weights)
+    if cfg.reference:
+        load_reference(cfg.reference)
 
 
 def evaluate(
@@ -26,6 +34,7 @@ def evaluate(
     world_size: int | None = None,
     progress: bool = True,
     save_npz: str | Path | None = None,
+    vae: VAE | None = None,
 ) -> dict:
     """Generate cfg.num_samples images over all ranks and score them. Every rank calls it.
 
@@ -33,6 +42,7 @@ def evaluate(
     device: where the Inception network, the VAE and the statistics live.
     rank, world_size: default to torch.distributed's when it is initialised, else 0 and 1.
     save_npz: also write the set as an ADM `.npz` (arr_0 uint8 NHWC, arr_1 labels) there.
+    vae: decodes a latent model's samples; None loads cfg.vae (if set) onto `device`.
 
     Returns, identical on all ranks: fid (None without cfg.reference), inception_score and
     inception_score_std (over cfg.is_splits splits), num_samples, seconds (slowest rank, up to
@@ -44,12 +54,14 @@ def evaluate(
     # Everything that can fail on a path or a file does so before hours of sampling.
     reference = load_reference(cfg.reference) if cfg.reference else None
     inception = InceptionFeatures(cfg.inception_weights, device)
-    generator = ImageGenerator(model, cfg.sampler, cfg.seed, device, cfg.vae, cfg.latent_scale)
+    if vae is None and cfg.vae:
+        vae = load_vae(cfg.vae, device)
+    generator = ImageGenerator(model, cfg.sampler, cfg.seed, cfg.labels, vae)
     stats = FeatureStats(cfg.num_samples, cfg.is_splits, device)
     share = rank_range(cfg.num_samples, rank, world_size)
     writer = None
     if save_npz is not None:
-        labels = np.arange(cfg.num_samples) % model.num_classes
+        labels = generator.labels_of(range(cfg.num_samples))
         writer = SampleNpzWriter(save_npz, labels, generator.image_shape, rank, world_size)
 
     # Rank 0 draws the bar for all ranks without extra collectives: ranks advance in lockstep,

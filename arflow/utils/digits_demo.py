@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from arflow.config import load_config
-from arflow.flow.samplers import SamplerConfig, sample
+from arflow.config import SamplerConfig, load_config
+from arflow.flow.samplers import sample
 from arflow.models import ARFlow
-from arflow.train import grid_pixels
-from arflow.utils.images import save_grid
+from arflow.utils.images import grid_pixels, save_grid
 
 
 def digit_classifier(seed: int = 0):
