@@ -259,9 +259,25 @@ def test_checksum_mismatch_is_an_error_naming_the_shard(damaged):
     )  # the check can be turned off
 
 
-def test_missing_shard_is_an_error_naming_it(damaged):
+def test_missing_shards_are_named_before_training_and_when_deleted_later(damaged):
     root, _ = damaged
-    url = load_manifest(root).shards[4].url
-    shutil.os.remove(url)
-    with pytest.raises(ShardError, match=f"shard {url} listed in the manifest does not exist"):
-        full_epoch(root)
+    shards = load_manifest(root).shards
+    args = dict(seq_len=5, batch_size=8, num_workers=0)
+    loader = SequenceLoader(root, **args)
+    it = iter(loader)
+    next(it)
+    gone = [shards[4].url, shards[40].url]
+    for url in gone:
+        shutil.os.remove(url)
+    # at start-up: every missing shard at once (one listing), before any batch
+    with pytest.raises(
+        ShardError, match=f"2 of the 65 shards .* do not exist: {gone[0]}, {gone[1]}"
+    ):
+        SequenceLoader(root, **args)
+    # deleted while the run reads: named when a stream reaches it
+    with pytest.raises(
+        ShardError,
+        match="shard .*/shards/c000\\d\\d_\\d{4}.tar listed in the manifest does not exist",
+    ):
+        for _ in range(loader.epoch_length):
+            next(it)

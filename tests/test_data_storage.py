@@ -7,11 +7,13 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 
-from arflow.data import RetryPolicy, SequenceLoader, load_manifest
+from arflow.data import RetryPolicy, SequenceLoader, ShardError, load_manifest
 from arflow.data.writing.build import build_shards
 from arflow.data.writing.encoders import PixelEncoder
 from arflow.data.writing.sources import DigitsSource
@@ -19,12 +21,14 @@ from arflow.data.writing.sources import DigitsSource
 
 class FaultyProxy:
     """A TCP proxy to ``upstream`` that refuses connections for its first ``closed_for`` seconds and
-    cuts each of its first ``cut`` connections after relaying ``cut_after`` bytes of response."""
+    cuts each of its first ``cut`` connections after relaying ``cut_after`` bytes of response.
+    ``requests`` counts the HTTP requests relayed."""
 
     def __init__(self, upstream: str, *, closed_for: float = 0.0, cut: int = 0, cut_after: int = 0):
         host, port = upstream.rsplit("/", 1)[-1].split(":")
         self.upstream = (host, int(port))
         self.cut, self.cut_after, self.cuts, self.connections = cut, cut_after, 0, 0
+        self.requests = 0
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
@@ -43,17 +47,23 @@ class FaultyProxy:
             server = socket.create_connection(self.upstream)
             doomed = self.connections < self.cut
             self.connections += 1
-            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(client, server, None, True), daemon=True
+            ).start()
             threading.Thread(
                 target=self._pump,
                 args=(server, client, self.cut_after if doomed else None),
                 daemon=True,
             ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, limit: int | None, upstream=False
+    ) -> None:
         relayed = 0
         try:
             while data := source.recv(65536):
+                if upstream:
+                    self.requests += data.count(b" HTTP/1.1\r\n")  # request lines
                 if limit is not None and relayed + len(data) > limit:
                     sink.sendall(data[: limit - relayed])
                     self.cuts += 1
@@ -135,5 +145,27 @@ def test_connections_cut_mid_transfer_are_resumed(s3_digits, moto_s3, caplog):
         assert all(
             torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(faulty, direct)
         )
+    finally:
+        proxy.close()
+
+
+def test_missing_shards_on_s3_are_named_from_one_listing(digits_shards, moto_s3):
+    bucket = moto_s3.bucket()
+    fs = fsspec.filesystem("s3", **moto_s3.storage_options)
+    for path in sorted(Path(digits_shards).rglob("*")):
+        if path.is_file():
+            fs.put_file(str(path), f"{bucket}/digits/{path.relative_to(digits_shards)}")
+    url = f"s3://{bucket}/digits"
+    shards = load_manifest(url, moto_s3.storage_options).shards
+    gone = [shards[7].url, shards[51].url]
+    fs.rm([u.removeprefix("s3://") for u in gone])
+    proxy = FaultyProxy(moto_s3.url)
+    try:
+        options = {"client_kwargs": {"endpoint_url": proxy.url}}
+        with pytest.raises(
+            ShardError, match=f"2 of the 65 shards .* do not exist: {gone[0]}, {gone[1]}"
+        ):
+            SequenceLoader(url, seq_len=5, batch_size=4, num_workers=0, storage_options=options)
+        assert proxy.requests <= 3  # the manifest and one listing, not one request per shard
     finally:
         proxy.close()

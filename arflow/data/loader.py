@@ -70,9 +70,14 @@ from arflow.data.errors import ManifestError, ShardError
 from arflow.data.manifest import Manifest, load_manifest
 from arflow.data.plan import Layout, PlanConfig, Planner, PlanView, Position
 from arflow.data.sequences import ReadOptions, SequenceStream, Slots
+from arflow.data.shards import check_shards
 from arflow.data.storage import RetryPolicy
 
 STATE_FORMAT = 1
+DROP_ADVICE = (
+    "to drop such classes, set min_per_class (data.min_per_class in a training config) to at "
+    "least seq_len"
+)
 
 
 class SequenceLoader:
@@ -130,6 +135,7 @@ class SequenceLoader:
                 f"min_per_class {min_per_class} < seq_len {seq_len}: such classes cannot form a sequence"
             )
         retry = retry or RetryPolicy()
+        self._live = None  # the DataLoader iterator of the current __iter__
         self.manifest: Manifest = load_manifest(url, storage_options, retry)
         self._check_expectations(expect_shape, expect_encoding)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -170,6 +176,9 @@ class SequenceLoader:
                 f"world_size x max(num_workers, 1) = {self.layout.num_streams} data streams; write smaller "
                 f"shards (make_shards --shard-size) or use fewer workers"
             )
+        # Before training: every shard this rank set may read is there, whole (one listing).
+        used = [s for s, g in zip(shards, self._planner.groups_per_shard) if g > 0]
+        check_shards(used, self.manifest.root, storage_options, retry)
         self.sequences_per_epoch = self._planner.sequences_per_epoch
         self.epoch_length = self.sequences_per_epoch // (world_size * batch_size)
         if self.epoch_length == 0:
@@ -206,10 +215,10 @@ class SequenceLoader:
         if small and min_per_class is None:
             raise ManifestError(
                 f"manifest {m.url}: class {listed} has fewer than seq_len={self.seq_len} samples; "
-                f"pass min_per_class to drop such classes"
+                f"{DROP_ADVICE}"
                 if len(small) == 1
                 else f"manifest {m.url}: classes {listed} have fewer than seq_len={self.seq_len} samples; "
-                f"pass min_per_class to drop such classes"
+                f"{DROP_ADVICE}"
             )
         if small:
             warnings.warn(
@@ -233,7 +242,20 @@ class SequenceLoader:
 
     # -- iteration -----------------------------------------------------------------------------
 
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples skipped so far in what this rank has received (a plain int)."""
+        return sum(self._bad)
+
+    def close(self) -> None:
+        """Stop the live iterator's worker processes now, not when it is garbage-collected (on an
+        error path a traceback can keep it alive for as long as the process lives)."""
+        live, self._live = self._live, None
+        if live is not None and hasattr(live, "_shutdown_workers"):  # multiprocessing iterator
+            live._shutdown_workers()
+
     def __iter__(self) -> Iterator[tuple]:
+        self.close()  # one live iterator at a time
         workers = self.num_workers
         layout = self.layout
         rows = [layout.micro_batch(s) for s in self._local_streams()]
@@ -256,7 +278,8 @@ class SequenceLoader:
             prefetch_factor=self.prefetch_factor if workers else None,
             collate_fn=_as_is,  # not default_convert: the small numpy parts stay inline
         )
-        return self._batches_from(iter(loader), slots, rows, shape)
+        self._live = iter(loader)
+        return self._batches_from(self._live, slots, rows, shape)
 
     def _batches_from(self, parts_iter, slots: Slots, rows: list[int], shape) -> Iterator[tuple]:
         pin = self.pin_memory and torch.cuda.is_available()
@@ -311,7 +334,9 @@ class SequenceLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (from any rank; see the module docstring for the guarantees)."""
+        """Continue from ``state`` (from any rank; see the module docstring for the guarantees).
+        An iterator made before is closed: the next ``iter(loader)`` continues from ``state``."""
+        self.close()
         if state.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"unknown loader state format {state.get('format')!r}; expected {STATE_FORMAT}"

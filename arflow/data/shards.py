@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import posixpath
 import tarfile
 from collections.abc import Callable, Iterator
 
@@ -33,6 +34,7 @@ from arflow.data.storage import (
     RetryPolicy,
     ensure_parent,
     filesystem,
+    join_url,
     partial_path,
 )
 
@@ -66,7 +68,7 @@ def write_shard(
     arrays: the stored array of each sample, all of one dtype and shape; keys: their sample keys.
     A transient storage failure rewrites the shard from the start (bounded by ``retry``).
     """
-    fs, path = filesystem(url, storage_options)
+    fs, path = filesystem(url, storage_options, retry)
     ensure_parent(url, storage_options)
     partial = partial_path(fs, path)
 
@@ -83,6 +85,40 @@ def write_shard(
         return out.size, out.sha256.hexdigest()
 
     return retry.call(url, attempt)
+
+
+def check_shards(
+    shards: list[ShardInfo],
+    root: str,
+    storage_options: dict | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> None:
+    """Raise ShardError naming every shard that does not exist.
+
+    One recursive listing of the deepest directory under ``root`` (the shard set's root URL)
+    that holds them all (usually ``shards/``), however many shards there are: a few paginated
+    requests on object storage instead of one per shard. (A damaged shard is not an error here:
+    reading skips its bad samples within the bad-sample budget.)
+    """
+    if not shards:
+        return
+    common = posixpath.commonpath([posixpath.dirname(s.path) for s in shards])
+    listed_url = join_url(root, common) if common else root
+    fs, base = filesystem(listed_url, storage_options, retry)
+    found = set(retry.call(listed_url, lambda: fs.find(base)))
+    prefix = base.rstrip("/") + "/"
+    missing = [
+        s.url for s in shards if prefix + posixpath.relpath(s.path, common or ".") not in found
+    ]
+    if missing:
+        shown = ", ".join(missing[:20]) + (
+            f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        )
+        raise ShardError(
+            f"{len(missing)} of the {len(shards)} shards listed in the manifest of {root} do not "
+            f"exist: {shown}. Restore them, or rewrite the shard set with tools/make_shards.py "
+            f"(a re-run rewrites only what is missing or damaged)"
+        )
 
 
 def iter_shard(

@@ -6,12 +6,12 @@ reset, timeouts, truncated HTTP bodies, 5xx answers) are retried with exponentia
 object raises ``FileNotFoundError`` for the caller to name, and refused access (wrong credentials,
 missing permission) raises :class:`StorageError` at once.
 
-For ``s3://`` URLs botocore's own timeouts and retries are capped by :data:`S3_CLIENT_DEFAULTS` (the
-user's ``storage_options["config_kwargs"]`` override them), because botocore's defaults (60 s connect
-timeout, several attempts) multiply with s3fs's 5 tries and ours and would look like a hang. With the
-defaults, a refused connection fails after about 8 s (the backoff sleeps); an endpoint that accepts
-connections but never answers after at most attempts x 5 x read_timeout (about 12 min with the
-defaults; pass a smaller ``read_timeout`` in ``config_kwargs`` to fail sooner). S3-compatible stores are
+For ``s3://`` URLs the policy's ``connect_timeout`` and ``read_timeout`` bound every request, and
+neither botocore nor s3fs retries on its own (their defaults, several silent attempts of up to 60 s
+each, multiplied with ours, looked like a hang). Each failed attempt is logged at once; with the
+defaults a refused connection fails after about 8 s (the backoff sleeps) and an endpoint that
+accepts connections but never answers after about attempts x read_timeout + 8 s (a minute).
+The user's ``storage_options["config_kwargs"]`` override the timeouts. S3-compatible stores are
 selected with ``storage_options={"client_kwargs": {"endpoint_url": URL}}`` (or the standard
 ``AWS_ENDPOINT_URL`` environment variable); credentials come from the standard AWS environment
 variables, config files or instance roles.
@@ -37,11 +37,8 @@ log = logging.getLogger("arflow.data")
 
 T = TypeVar("T")
 
-S3_CLIENT_DEFAULTS = {
-    "connect_timeout": 5,
-    "read_timeout": 30,
-    "retries": {"total_max_attempts": 1, "mode": "standard"},  # s3fs and RetryPolicy retry already
-}
+# botocore's own retries are off: RetryPolicy retries (and logs each retry) itself.
+S3_CLIENT_RETRIES = {"total_max_attempts": 1, "mode": "standard"}
 
 # fsspec's s3 read-ahead block is 50 MiB; shards are read sequentially by several open readers per
 # worker, so a smaller block bounds memory without hurting throughput.
@@ -76,11 +73,15 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries with exponential backoff: waits base_delay * 2**i (capped) between attempts."""
+    """How patiently storage is used: ``attempts`` tries per request with exponential backoff
+    (base_delay * 2**i seconds between them, capped at max_delay), and per-request timeouts in
+    seconds for object stores (connecting, and waiting for each part of an answer)."""
 
     attempts: int = 5
     base_delay: float = 0.5
     max_delay: float = 8.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
 
     def call(self, url: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` (a storage request about ``url``), retrying transient failures."""
@@ -116,15 +117,20 @@ class RetryPolicy:
 
 
 def filesystem(
-    url: str, storage_options: dict | None = None
+    url: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and in-filesystem path of ``url``, with bounded S3 client timeouts."""
+    """The fsspec filesystem and in-filesystem path of ``url``; S3 clients get the policy's
+    timeouts and no retries of their own."""
     options = copy.deepcopy(storage_options or {})  # botocore mutates its config dict in place
-    if url.startswith(("s3://", "s3a://")):
+    s3 = url.startswith(("s3://", "s3a://"))
+    if s3:
         config = options.setdefault("config_kwargs", {})
-        for key, value in S3_CLIENT_DEFAULTS.items():
-            config.setdefault(key, copy.deepcopy(value))
+        config.setdefault("connect_timeout", retry.connect_timeout)
+        config.setdefault("read_timeout", retry.read_timeout)
+        config.setdefault("retries", copy.deepcopy(S3_CLIENT_RETRIES))
     fs, path = fsspec.core.url_to_fs(url, **options)
+    if s3:
+        fs.retries = 1  # s3fs's silent retries (5 by default, a class attribute) off
     return fs, path
 
 
@@ -140,7 +146,7 @@ def parent_url(url: str) -> str:
 def read_bytes(
     url: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()
 ) -> bytes:
-    fs, path = filesystem(url, storage_options)
+    fs, path = filesystem(url, storage_options, retry)
     return retry.call(url, lambda: fs.cat_file(path))
 
 
@@ -165,7 +171,7 @@ def write_atomic(
     url: str, data: bytes, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()
 ) -> None:
     """Write ``data`` so that readers see either the old object or all of the new one."""
-    fs, path = filesystem(url, storage_options)
+    fs, path = filesystem(url, storage_options, retry)
     ensure_parent(url, storage_options)
     partial = partial_path(fs, path)
 
@@ -206,7 +212,7 @@ class RetryingReader:
     ):
         self.url = url
         self._retry = retry
-        self._fs, self._path = filesystem(url, storage_options)
+        self._fs, self._path = filesystem(url, storage_options, retry)
         self._file = None
         self.position = 0
         self.sha256 = hashlib.sha256()

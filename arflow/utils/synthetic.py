@@ -25,6 +25,11 @@ class SyntheticLoader:
         self.seed = seed
         self.index = 0  # batches handed out so far
 
+    bad_samples = 0  # the SequenceLoader interface: nothing is read, nothing can be bad
+
+    def close(self) -> None:
+        """Nothing to stop (no worker processes)."""
+
     def state_dict(self) -> dict:
         return {"index": self.index}
 
