@@ -77,6 +77,18 @@ class DataConfig:
     class_sampling: Literal["uniform", "proportional"] = "uniform"
     storage_options: dict | None = None
     prefetch_factor: int = 2
+    # Classes with fewer samples are dropped with a warning; null: every class must hold at
+    # least seq_len samples, else the run stops before training and names them.
+    min_per_class: int | None = None
+    # Unreadable samples skipped per rank (its workers together) before the run stops; counted
+    # since the start (or a resume on another layout) and logged as data_bad_samples.
+    max_bad_samples: int = 100
+    # Object storage: seconds to connect and to wait for each answer, and attempts per request
+    # (retried with backoff 0.5, 1, 2, 4 s; each retry logged at once). With the defaults an
+    # endpoint that accepts connections but never answers fails within about a minute.
+    storage_connect_timeout: float = 5.0
+    storage_read_timeout: float = 10.0
+    storage_attempts: int = 5
 
 
 @dataclass
@@ -306,6 +318,22 @@ class Config:
         _check(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", "must lie in [0, 1)")
         _check(self.data.seq_len >= 1, "data.seq_len", "must be >= 1")
         _check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+        d = self.data
+        _check(
+            d.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {d.prefetch_factor}"
+        )
+        _check(
+            d.min_per_class is None or d.min_per_class >= d.seq_len,
+            "data.min_per_class",
+            f"must be null or >= data.seq_len ({d.seq_len}), got {d.min_per_class}",
+        )
+        _check(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0")
+        for key in ("storage_connect_timeout", "storage_read_timeout"):
+            value = getattr(d, key)
+            _check(
+                0 < value < float("inf"), f"data.{key}", f"must be a positive number, got {value}"
+            )
+        _check(d.storage_attempts >= 1, "data.storage_attempts", "must be >= 1")
         o = self.optim
         _check(o.lr > 0, "optim.lr", "must be > 0")
         _check(

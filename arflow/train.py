@@ -52,7 +52,7 @@ def build_loader(cfg: Config, info: DistInfo):
             rank=info.rank,
             seed=cfg.run.seed,
         )
-    from arflow.data import SequenceLoader
+    from arflow.data import RetryPolicy, SequenceLoader
 
     loader = SequenceLoader(
         d.url,
@@ -66,6 +66,13 @@ def build_loader(cfg: Config, info: DistInfo):
         storage_options=d.storage_options,
         pin_memory=info.device.type == "cuda",
         prefetch_factor=d.prefetch_factor,
+        min_per_class=d.min_per_class,
+        max_bad_samples=d.max_bad_samples,
+        retry=RetryPolicy(
+            attempts=d.storage_attempts,
+            connect_timeout=d.storage_connect_timeout,
+            read_timeout=d.storage_read_timeout,
+        ),
     )
     manifest = loader.manifest
     expected = (m.in_channels, m.input_size, m.input_size)
