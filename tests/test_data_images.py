@@ -102,3 +102,31 @@ def test_image_folder_source_lists_every_image_type_recursively(tmp_path):
     assert list_images(str(tmp_path / "cls")) == names[:5]
     ((name, items),) = ImageFolderSource(str(tmp_path), 4).classes
     assert name == "cls" and items == [f"cls/{n}" for n in names[:5]]
+
+
+def test_fid_reference_reads_the_same_images_as_the_shards_hold(tmp_path):
+    from arflow.data import load_manifest
+    from arflow.data.shards import iter_shard
+    from arflow.data.writing.build import build_shards
+    from arflow.data.writing.encoders import PixelEncoder
+    from arflow.eval.image_sets import ImageFolder
+
+    rng = np.random.default_rng(2)
+    sizes = {"a/x.png": (9, 14), "a/y.bmp": (20, 11), "b/z.webp": (16, 16), "b/deep/w.JPG": (7, 5)}
+    for name, (h, w) in sizes.items():
+        path = tmp_path / "src" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
+    manifest = build_shards(
+        ImageFolderSource(str(tmp_path / "src"), 4),
+        PixelEncoder(4),
+        str(tmp_path / "out"),
+        progress=False,
+    )
+    stored = [
+        array.tobytes()
+        for shard in load_manifest(manifest.url).shards
+        for _, array in iter_shard(shard, dtype="uint8", shape=(3, 4, 4), on_bad=None)
+    ]
+    reference = [ImageFolder(tmp_path / "src", 4)[i][0].numpy().tobytes() for i in range(4)]
+    assert len(stored) == 4 and sorted(stored) == sorted(reference)

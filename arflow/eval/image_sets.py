@@ -2,7 +2,7 @@
 Inception statistics (mu, sigma): the reference of a dataset, or either side of an FID between
 two image sets.
 
-Sources: a folder of PNG/JPEG files (searched recursively, sorted), an ADM-layout `.npz`
+Sources: a folder of image files (searched recursively, sorted), an ADM-layout `.npz`
 (arr_0 uint8 (N, H, W, 3), e.g. written by `launchers/evaluate.py --save-npz`), or a shard set
 of pixel images (tools/make_shards.py --encode pixels; local or fsspec such as s3://). Each rank
 reads a disjoint part; the statistics are sums, so the parts need no order.
@@ -24,53 +24,28 @@ from tqdm.auto import tqdm
 from ..data.errors import BadSampleWarning
 from ..data.manifest import load_manifest
 from ..data.shards import iter_shard
+from ..data.writing.images import IMAGE_EXTENSIONS, list_images, read_image
 from .inception import InceptionFeatures
 from .statistics import FeatureStats, load_reference
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def center_crop_resize(image, size: int):
-    """ADM's reference preprocessing (PIL image -> size x size RGB): halve with a box filter
-    while the short side is >= 2 * size, resize bicubically so the short side is `size`, then
-    crop the centre."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
 
 class ImageFolder(Dataset):
-    """PNG/JPEG files under `root` (recursive, sorted) as uint8 (3, H, W); resized and centre-
-    cropped to `resolution` when given, else used as they are."""
+    """Image files under `root` as uint8 (3, H, W), read exactly as training shards are made
+    (arflow.data.writing.images: recursive, sorted, one extension list, ADM's centre crop to
+    `resolution` when given, else the images as they are)."""
 
     def __init__(self, root: str | Path, resolution: int | None = None):
         self.root, self.resolution = Path(root), resolution
-        self.files = sorted(
-            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        self.files = [self.root / name for name in list_images(str(self.root))]
         if not self.files:
-            raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {self.root}")
+            raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {self.root}")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        from PIL import Image
-
-        with Image.open(self.files[i]) as image:
-            image = (
-                center_crop_resize(image, self.resolution)
-                if self.resolution
-                else image.convert("RGB")
-            )
-            array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1), str(self.files[i])
+        image = read_image(str(self.files[i]), self.resolution)
+        return torch.from_numpy(image), str(self.files[i])
 
 
 def _stack_same_size(items: list[tuple[torch.Tensor, str]]) -> torch.Tensor:
