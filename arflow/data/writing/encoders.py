@@ -26,10 +26,12 @@ class PixelEncoder:
 
 
 class VaeEncoder:
-    """Stores diffusers ``AutoencoderKL`` posterior moments of the image and of its horizontal flip.
+    """Stores the SD-VAE's posterior moments of the image and of its horizontal flip
+    (the project's one VAE module, arflow.models.vae, loaded offline).
 
-    Stored array per image: (2, 2c, h, w) float; index 0 the image, 1 its flip; channels [mean; logvar]
-    (logvar as clamped by diffusers). The loader draws x = (mean + exp(logvar / 2) * eps) * scaling_factor.
+    Stored array per image: (2, 2c, h, w) float; index 0 the image, 1 its flip; channels
+    [mean; logvar] (logvar clamped as diffusers does). The loader draws
+    x = (mean + exp(logvar / 2) * eps) * scaling_factor, the factor from the VAE's config.
     """
 
     encoding = "vae"
@@ -43,12 +45,8 @@ class VaeEncoder:
         batch_size: int = 32,
         dtype: str = "float32",
     ):
-        try:
-            from diffusers import AutoencoderKL
-        except ImportError as exc:
-            raise ImportError(
-                "--encode vae needs diffusers: install the `vae` extra (pip install 'arflow[vae]')"
-            ) from exc
+        from arflow.models.vae import load_vae
+
         self.path = path
         self.device = torch.device(
             "cuda"
@@ -57,37 +55,24 @@ class VaeEncoder:
             if device == "auto"
             else device
         )
-        self.vae = AutoencoderKL.from_pretrained(path).to(self.device).eval()
+        self.vae = load_vae(path, self.device)
         self.batch_size = batch_size
         self.dtype = dtype
-        config = self.vae.config
-        factor = 2 ** (len(config.block_out_channels) - 1)
-        if image_size % factor:
-            raise ValueError(
-                f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {factor}"
-            )
-        channels, side = config.latent_channels, image_size // factor
+        channels, side, _ = self.vae.latent_shape(image_size)
         self.sample_shape = (channels, side, side)
         self.stored_shape = (2, 2 * channels, side, side)
-        self.scaling_factor = float(config.scaling_factor)
+        self.scaling_factor = self.vae.scaling_factor
 
     def describe(self) -> dict:
         return {"encoding": self.encoding, "vae": self.path, "dtype": self.dtype}
 
-    @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
         """images: (N, 3, S, S) uint8 -> (N, 2, 2c, h, w) moments of [image, flipped image]."""
         out = []
         for start in range(0, len(images), self.batch_size):
-            x = (
-                torch.from_numpy(images[start : start + self.batch_size]).to(self.device).float()
-                / 127.5
-                - 1
-            )
-            both = torch.cat([x, x.flip(-1)])
-            posterior = self.vae.encode(both).latent_dist
-            moments = torch.cat([posterior.mean, posterior.logvar], dim=1)  # (2n, 2c, h, w)
-            out.append(
-                torch.stack(moments.chunk(2), dim=1).to("cpu", getattr(torch, self.dtype)).numpy()
-            )
+            x = torch.from_numpy(images[start : start + self.batch_size]).float() / 127.5 - 1
+            mean, logvar = self.vae.encode_moments(torch.cat([x, x.flip(-1)]))
+            moments = torch.cat([mean, logvar], dim=1)  # (2n, 2c, h, w)
+            both = torch.stack(moments.chunk(2), dim=1)  # (n, 2, 2c, h, w)
+            out.append(both.to("cpu", getattr(torch, self.dtype)).numpy())
         return np.concatenate(out)
