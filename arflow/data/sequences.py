@@ -1,15 +1,19 @@
 """One data stream: reads its shards as the plan says and turns groups into image sequences.
 
-Runs inside a DataLoader worker (or the main process with num_workers=0) and yields micro-batches::
+Runs inside a DataLoader worker (or the main process with num_workers=0). Micro-batch m, the
+stream's share of batch m, is written into its slot (see :class:`Slots`)::
 
     x    float32 (b, n, C, H, W)   pixels in [-1, 1], or latents (mean + exp(logvar / 2) * eps) * scale
+
+and the stream yields the small parts, numpy arrays and plain values pickled inline::
+
+    index m
     y    int64   (b,)              class id of each sequence
     tag  (epoch, round, offset, bad_samples): the stream's position after the micro-batch's last group
-    meta {"sample_ids": int64 (b, n), "epoch": int64 (b,)}   only with return_meta
+    meta {"sample_ids": int64 (b, n), "epoch": int64 (b,)}   (None without return_meta)
 
-b = the stream's share of the batch (Layout.micro_batch). Flips and latent noise are seeded by
-(seed, epoch, shard, group), so a sequence is the same whichever stream emits it.
-"""
+b = the stream's share of the batch (Layout.micro_batch). Flips and latent noise are functions of
+(seed, epoch, shard, group), so a sequence is the same whichever stream emits it."""
 
 from __future__ import annotations
 
@@ -175,13 +179,10 @@ class SequenceStream(IterableDataset):
             ids.append(self._offsets[shard] + groups.members[group])
             epochs.append(epoch)
             if len(ys) == size:
-                meta = {"sample_ids": np.stack(ids), "epoch": np.array(epochs, np.int64)}
-                yield (
-                    index,
-                    np.array(ys, np.int64),
-                    (epoch, r, j, bad),
-                    meta if self.options.return_meta else None,
-                )
+                meta = None
+                if self.options.return_meta:
+                    meta = {"sample_ids": np.stack(ids), "epoch": np.array(epochs, np.int64)}
+                yield index, np.array(ys, np.int64), (epoch, r, j, bad), meta
                 index += 1
                 x = self.slots.for_writing(worker, index)
                 ys, ids, epochs = [], [], []
