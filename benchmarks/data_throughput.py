@@ -49,6 +49,8 @@ def _iterate_members(job) -> tuple[int, int, float]:
     from webdataset.tariterators import tar_file_iterator
 
     urls, options, seconds, parser = job
+    # Warm-up, as the pipeline's first batch: a process's first S3 client takes about a second.
+    RetryingReader(urls[0], options).close()
     members = nbytes = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
