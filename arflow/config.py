@@ -125,6 +125,11 @@ class ParallelConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     activation_checkpointing: bool = False  # per transformer block
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # How long a collective (or barrier) may wait for the other ranks before the process group
+    # fails it. A rank that raises stops the others within seconds regardless (see README,
+    # "When something fails"); this bounds the rest, e.g. NCCL peers of a rank killed outright.
+    # It must exceed the longest legitimate wait: rank 0 converting a checkpoint, a slow save.
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

@@ -25,6 +25,7 @@ from arflow.distributed.backend import Backend, build_backend
 from arflow.distributed.checkpoint import CheckpointManager, Found, fetch
 from arflow.distributed.ema import EMA
 from arflow.distributed.env import DistInfo, any_true, init_distributed, shutdown
+from arflow.distributed.failure import FailureWatch
 from arflow.flow.transport import training_loss
 from arflow.models import ARFlow
 from arflow.models.vae import load_vae
@@ -32,7 +33,7 @@ from arflow.utils.images import grid_pixels, save_grid
 from arflow.utils.metrics import MetricsLogger, peak_memory_gb
 from arflow.utils.rng import preserved_rng, rng_state, seed_rank, set_rng_state
 from arflow.utils.schedule import lr_at
-from arflow.utils.signals import PreemptionFlag
+from arflow.utils.signals import PreemptionSignals
 from arflow.utils.synthetic import SyntheticLoader
 
 
@@ -340,16 +341,25 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
-    def fit(self) -> str:
-        """Train to `train.steps` (or until preempted); returns "done" or "preempted"."""
+    def fit(
+        self, signals: PreemptionSignals | None = None, failure: FailureWatch | None = None
+    ) -> str:
+        """Train to `train.steps` (or until preempted); returns "done" or "preempted".
+
+        `signals`: the process's preemption signals (`run` installs them at start-up; without
+        them fit installs its own for its duration). `failure`: told of an error first, so the
+        other ranks stop before this one cleans up. Every exit stops the data-loader workers."""
         cfg = self.cfg
-        flag = PreemptionFlag().install()
+        own_signals = signals is None
+        if own_signals:
+            signals = PreemptionSignals().install()
         images_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         window = {"loss": [], "grad_norm": [], "time": []}
-        with preserved_rng():  # see _next_batches
-            it = iter(self.loader)
         outcome = "done"
         try:
+            with preserved_rng():  # see _next_batches
+                it = iter(self.loader)
+            signals.defer()  # from here on a notice means: finish the step, save, exit 0
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 batches = self._next_batches(it)
@@ -405,7 +415,7 @@ class Trainer:
                         },
                     )
                     window = {k: [] for k in window}
-                preempted = any_true(flag.poll(), self.info.device)
+                preempted = any_true(signals.poll(), self.info.device)
                 if preempted or self._due(cfg.checkpoint.every) or self.step == cfg.train.steps:
                     with preserved_rng():
                         self.save()
@@ -418,26 +428,52 @@ class Trainer:
                         self.evaluate()
                 if preempted:
                     self.logger.message(
-                        f"step {self.step}: {flag.name or 'signal on another rank'} received; saved, exiting"
+                        f"step {self.step}: {signals.name or 'signal on another rank'} received; "
+                        "saved, exiting"
                     )
                     outcome = "preempted"
                     break
             if outcome == "done":
                 self.export()
+        except BaseException as error:
+            if failure is not None:
+                failure.report(error)
+            raise
         finally:
-            flag.restore()
+            # Not left to garbage collection: an exception's traceback keeps the workers'
+            # iterator alive, and workers still running at exit would delay it.
+            self.loader.close()
+            if own_signals:
+                signals.restore()
             self.logger.close()
         return outcome
 
 
-def run(cfg: Config, resume: str | None = None) -> str:
-    """Join the process group, train, leave. `resume`: None, "auto" or a checkpoint URL."""
-    info = init_distributed(cfg.parallel.device)
+def run(
+    cfg: Config, resume: str | None = None, signals: PreemptionSignals | None = None
+) -> str:
+    """Join the process group, train, leave. `resume`: None, "auto" or a checkpoint URL.
+    `signals`: preemption signals installed by the launcher before its imports (else here).
+
+    A fatal error on any rank ends every rank within seconds (arflow.distributed.failure);
+    SIGTERM / SIGUSR1 during start-up exits at once, in the loop after a save (see
+    arflow.utils.signals)."""
+    own_signals = signals is None
+    if own_signals:
+        signals = PreemptionSignals().install()
     try:
-        outcome = Trainer(cfg, info, resume).fit()
-    except BaseException:
-        # No barrier: the other ranks may be gone or stuck; just release the group.
-        dist.destroy_process_group()
-        raise
-    shutdown()
-    return outcome
+        info = init_distributed(cfg.parallel.device, cfg.parallel.collective_timeout_s)
+        failure = FailureWatch(info).start()
+        try:
+            outcome = Trainer(cfg, info, resume).fit(signals, failure)
+        except BaseException as error:
+            failure.report(error)
+            # No barrier: the other ranks are stopping or gone; just release the group.
+            dist.destroy_process_group()
+            raise
+        failure.stop()
+        shutdown()
+        return outcome
+    finally:
+        if own_signals:
+            signals.restore()

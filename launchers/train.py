@@ -11,10 +11,13 @@ import os
 import sys
 
 from arflow.config import ConfigError, load_config
-from arflow.train import run
+from arflow.utils.signals import PreemptionSignals
 
 
 def main(argv=None) -> int:
+    # Before the seconds of torch / deepspeed imports: a preemption notice during start-up then
+    # exits with a message instead of a bare status 143.
+    signals = PreemptionSignals().install()
     parser = argparse.ArgumentParser(description="Train ARFlow from a JSON config.")
     parser.add_argument("--config", required=True, help="JSON config file (see configs/)")
     parser.add_argument(
@@ -39,7 +42,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run(cfg, resume=args.resume)
+    from arflow.train import run
+
+    run(cfg, resume=args.resume, signals=signals)
     return 0
 
 

@@ -149,6 +149,9 @@ def _poisoned_run(config_path: str) -> None:
         def state_dict(self):
             return self.inner.state_dict()
 
+        def close(self):
+            self.inner.close()
+
         def __iter__(self):
             for i, (x, y) in enumerate(self.inner):
                 yield (x * float("nan") if i in bad else x), y

@@ -72,6 +72,7 @@ from arflow.data.plan import Layout, PlanConfig, Planner, PlanView, Position
 from arflow.data.sequences import ReadOptions, SequenceStream, Slots
 from arflow.data.shards import check_shards
 from arflow.data.storage import RetryPolicy
+from arflow.utils.signals import data_worker_signals
 
 STATE_FORMAT = 1
 DROP_ADVICE = (
@@ -277,6 +278,7 @@ class SequenceLoader:
             num_workers=workers,
             prefetch_factor=self.prefetch_factor if workers else None,
             collate_fn=_as_is,  # not default_convert: the small numpy parts stay inline
+            worker_init_fn=data_worker_signals,  # outlive a job-wide SIGTERM while saving
         )
         self._live = iter(loader)
         return self._batches_from(self._live, slots, rows, shape)
