@@ -3,7 +3,10 @@
 At step i the model sees the current x at time t_i, reads the state left by steps < i, and
 returns the velocity together with the state advanced by this chunk. That state is committed
 once per step; extra evaluations inside a step (Heun's corrector) read the same state and their
-new state is discarded. The state has a fixed size, so a step costs the same at step 1 and 250.
+new state is discarded. The hybrid model's state has a fixed size, so a step costs the same at
+step 1 and 250; the causal_softmax ablation's state is a key/value cache that grows by one image
+per step (see models/causal_attention.py). `memory=False` gives every step an empty state: SiT's
+memoryless sampler, for a model trained on single images (sequences of n = 1).
 
 Methods (linear path, t = 0 noise -> t = 1 data):
 - "sde": SiT's default Euler-Maruyama with diffusion w(t) = 1 - t on t in [0, 1 - last_step_size]
@@ -63,12 +66,16 @@ class GuidedVelocity:
     """The velocity field the samplers integrate: model.step with optional CFG.
 
     Calling it with (x (B, C, H, W), t float, state) returns (v (B, C, H, W), state advanced by
-    this chunk); the caller decides whether to commit that state.
+    this chunk); the caller decides whether to commit that state. With memory=False the model
+    reads an empty state at every call.
     """
 
-    def __init__(self, model: ARFlow, labels: torch.Tensor, config: SamplerConfig):
+    def __init__(
+        self, model: ARFlow, labels: torch.Tensor, config: SamplerConfig, memory: bool = True
+    ):
         self.model = model
         self.config = config
+        self.memory = memory
         if config.guided:
             null = torch.full_like(labels, model.null_class)
             labels = torch.cat([labels, null])
@@ -81,6 +88,8 @@ class GuidedVelocity:
         if cfg.guided:
             x = torch.cat([x, x])
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        if not self.memory:
+            state = None
         v, state = self.model.step(x.to(self.model.pos_embed.dtype), tt, self.labels, state)
         v = v.float()
         if cfg.guided:
@@ -147,13 +156,15 @@ def sample(
     seeds: Sequence[int],
     config: SamplerConfig | None = None,
     progress: bool = False,
+    memory: bool = True,
 ) -> torch.Tensor:
     """Draw one image per (label, seed).
 
     labels: (B,) class ids; seeds: B integers -> (B, C, H, W) fp32 in the model's data space
     (pixels in [-1, 1], or scaled VAE latents). config: SamplerConfig() (the reference's SDE,
     250 steps) when None. The model is put in eval mode for the call (no label dropout) and
-    restored afterwards.
+    restored afterwards. memory=False: every step reads an empty state (SiT's sampler, for a
+    model trained on single images).
     """
     config = config or SamplerConfig()
     if labels.ndim != 1 or len(seeds) != labels.shape[0]:
@@ -164,7 +175,7 @@ def sample(
     device = model.pos_embed.device
     shape = (model.in_channels, model.input_size, model.input_size)
     noise = SampleNoise(seeds, shape, device)
-    velocity = GuidedVelocity(model, labels.to(device), config)
+    velocity = GuidedVelocity(model, labels.to(device), config, memory)
     x = noise.draw()
     steps = (
         sde_steps(velocity, x, noise, config)
