@@ -2,7 +2,9 @@
 a tiny ARFlow, world sizes 1 and 2 (gloo processes) and the ADM `.npz` output."""
 
 import dataclasses
+import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +14,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from random_inception import write_random_weights
 from safetensors.torch import save_file
+from tiny_models import tiny_model as shared_tiny_model
 
-from arflow.config import EvalConfig, SamplerConfig, config_from_dict
+from arflow.config import EvalConfig, SamplerConfig, config_from_dict, load_config
 from arflow.distributed.env import free_port
-from arflow.eval import FeatureStats, evaluate, rank_range
-from arflow.eval.cli import evaluate_main
+from arflow.eval import FeatureStats, check_eval_files, evaluate, rank_range, sample_labels
+from arflow.eval.cli import PROTOCOLS, evaluate_main
 from arflow.eval.inception import InceptionFeatures, cached_weights_path
 from arflow.eval.sample_set import ImageGenerator
 from arflow.models import ARFlow
 from arflow.models.vae import load_vae
+from arflow.utils.images import save_grid
+
+ROOT = Path(__file__).resolve().parents[1]
 
 N = 5  # world size 2 gives ranks 2 and 3 samples; batch 2 leaves a last batch of 1
 
@@ -31,39 +37,42 @@ def inception_weights(tmp_path_factory):
 
 
 def tiny_model() -> ARFlow:
-    """A few-parameter pixel model whose output depends on label, time and state (the DiT init
-    zeroes the adaLN and output layers, which would make every sample its initial noise)."""
-    torch.manual_seed(0)
-    model = ARFlow(
-        input_size=8,
-        patch_size=4,
-        in_channels=3,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-        num_classes=10,
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN" in name or "final_layer" in name:
-                p.normal_(0.0, 0.3)
-    return model
+    """The shared random tiny model as a 10-class pixel model of 4x4 patches (its config section
+    is TINY_MODEL_SECTION)."""
+    return shared_tiny_model(seed=0, patch_size=4, num_classes=10)
+
+
+# tiny_model() as a config's model section.
+TINY_MODEL_SECTION = {
+    "name": "ARFlow-S/4",
+    "depth": 2,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "input_size": 8,
+    "in_channels": 3,
+    "num_classes": 10,
+}
 
 
 def write_reference(tmp: Path) -> None:
     np.savez(tmp / "reference.npz", mu=np.full(2048, 0.1), sigma=np.eye(2048) * 1e-4)
 
 
-def eval_config(tmp: Path, weights: str) -> EvalConfig:
+def eval_config(tmp: Path, weights: str, labels: str = "balanced") -> EvalConfig:
     return EvalConfig(
         num_samples=N,
         batch_size=2,
         seed=7,
+        labels=labels,
         is_splits=2,
         reference=str(tmp / "reference.npz"),
         inception_weights=weights,
         sampler=SamplerConfig(method="sde", steps=3),
     )
+
+
+# Output names per label mode: balanced keeps the original names.
+SUFFIX = {"balanced": "", "random": "_random"}
 
 
 def _worker(rank: int, world_size: int, tmp: str, weights: str) -> None:
@@ -80,14 +89,15 @@ def _worker(rank: int, world_size: int, tmp: str, weights: str) -> None:
         stats.all_reduce()
         torch.save(stats.buffer, f"{tmp}/stats_{rank}.pt")
         tmp_path = Path(tmp)
-        result = evaluate(
-            tiny_model(),
-            eval_config(tmp_path, weights),
-            device="cpu",
-            progress=False,
-            save_npz=tmp_path / "world2.npz",
-        )
-        (tmp_path / f"result_{rank}.json").write_text(json.dumps(result))
+        for labels, suffix in SUFFIX.items():
+            result = evaluate(
+                tiny_model(),
+                eval_config(tmp_path, weights, labels),
+                device="cpu",
+                progress=False,
+                save_npz=tmp_path / f"world2{suffix}.npz",
+            )
+            (tmp_path / f"result{suffix}_{rank}.json").write_text(json.dumps(result))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -97,14 +107,17 @@ def _worker(rank: int, world_size: int, tmp: str, weights: str) -> None:
 def single(tmp_path_factory, inception_weights):
     tmp = tmp_path_factory.mktemp("world1")
     write_reference(tmp)
-    result = evaluate(
-        tiny_model(),
-        eval_config(tmp, inception_weights),
-        device="cpu",
-        progress=False,
-        save_npz=tmp / "world1.npz",
-    )
-    return tmp, result
+    results = {
+        labels: evaluate(
+            tiny_model(),
+            eval_config(tmp, inception_weights, labels),
+            device="cpu",
+            progress=False,
+            save_npz=tmp / f"world1{suffix}.npz",
+        )
+        for labels, suffix in SUFFIX.items()
+    }
+    return tmp, results
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +125,10 @@ def two_ranks(tmp_path_factory, inception_weights):
     tmp = tmp_path_factory.mktemp("world2")
     write_reference(tmp)
     mp.spawn(_worker, args=(2, str(tmp), inception_weights), nprocs=2, join=True)
-    return tmp, [json.loads((tmp / f"result_{r}.json").read_text()) for r in range(2)]
+    return tmp, {
+        labels: [json.loads((tmp / f"result{suffix}_{r}.json").read_text()) for r in range(2)]
+        for labels, suffix in SUFFIX.items()
+    }
 
 
 def eval_section(data: dict) -> EvalConfig:
@@ -155,7 +171,8 @@ def test_missing_cache_offline_names_the_expected_file(tmp_path, monkeypatch):
 
 
 def test_whole_pipeline_offline_single_process(single):
-    tmp, result = single
+    tmp, results = single
+    result = results["balanced"]
     assert result["num_samples"] == N
     assert np.isfinite(result["fid"]) and result["fid"] > 0
     assert result["inception_score"] >= 1.0
@@ -176,7 +193,8 @@ def test_sample_set_independent_of_batch_size(single):
 
 
 def test_two_ranks_match_one(single, two_ranks):
-    (tmp1, result1), (tmp2, results2) = single, two_ranks
+    (tmp1, results1), (tmp2, results2) = single, two_ranks
+    result1, results2 = results1["balanced"], results2["balanced"]
     assert results2[0] == results2[1]  # identical on every rank
     with np.load(tmp1 / "world1.npz") as a, np.load(tmp2 / "world2.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
@@ -190,6 +208,35 @@ def test_two_ranks_match_one(single, two_ranks):
     single_stats.update(torch.from_numpy(np.random.default_rng(0).standard_normal((11, 2048))))
     torch.testing.assert_close(reduced[0], single_stats.buffer, rtol=1e-12, atol=1e-12)
     assert not list(tmp2.glob("*.partial"))
+
+
+def test_random_labels_same_set_on_two_ranks(single, two_ranks):
+    """The release's protocol (eval.labels = "random"): labels drawn per sample from (seed,
+    index), so 1 and 2 ranks generate the same images and labels and the same scores."""
+    (tmp1, results1), (tmp2, results2) = single, two_ranks
+    with np.load(tmp1 / "world1_random.npz") as a, np.load(tmp2 / "world2_random.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        labels = a["arr_1"]
+    assert labels.tolist() == sample_labels(range(N), 10, "random", seed=7).tolist()
+    assert labels.tolist() != list(range(N))  # not the round-robin set
+    assert results2["random"][0] == results2["random"][1]
+    for key in ("fid", "inception_score", "inception_score_std", "num_samples"):
+        expected = results1["random"][key]
+        assert results2["random"][0][key] == pytest.approx(expected, rel=1e-6, abs=1e-9), key
+    assert results1["random"]["fid"] != pytest.approx(results1["balanced"]["fid"], rel=1e-9)
+
+
+def test_random_labels_are_uniform_and_keyed_by_seed_and_index():
+    everything = sample_labels(range(5000), 10, "random", seed=3)
+    counts = np.bincount(everything, minlength=10)
+    assert counts.min() > 400 and counts.max() < 600  # 500 each +- 4.5 sigma
+    # A sample's label depends on (seed, index) only: any subset, any order, same labels.
+    picked = [4999, 17, 2500]
+    assert sample_labels(picked, 10, "random", seed=3).tolist() == everything[picked].tolist()
+    other_seed = sample_labels(range(5000), 10, "random", seed=4)
+    assert (other_seed != everything).mean() > 0.8
+    assert sample_labels(range(12), 10, "balanced", seed=3).tolist() == [*range(10), 0, 1]
 
 
 @pytest.fixture
@@ -208,15 +255,7 @@ def single_process_env(monkeypatch):
 def test_launcher_evaluates_a_state_dict(tmp_path, inception_weights, single_process_env, capsys):
     save_file(tiny_model().state_dict(), tmp_path / "ema.safetensors")
     config = {
-        "model": {
-            "name": "ARFlow-S/4",
-            "depth": 2,
-            "hidden_size": 32,
-            "num_heads": 2,
-            "input_size": 8,
-            "in_channels": 3,
-            "num_classes": 10,
-        },
+        "model": TINY_MODEL_SECTION,
         "eval": {
             "num_samples": 3,
             "batch_size": 2,
@@ -292,3 +331,151 @@ def test_latent_models_are_decoded_with_the_vae(tmp_path):
     assert images.shape == (3, 3, 8, 8)
     with pytest.raises(FileNotFoundError, match="cannot load a diffusers AutoencoderKL"):
         load_vae(tmp_path / "missing")
+
+
+def test_paper_protocol_preset(tmp_path, inception_weights, single_process_env, capsys):
+    """--protocol paper / paper-cfg set the release's evaluation; the config's files are kept
+    and --set still overrides (here: a tiny run of the same protocol)."""
+    cfg = load_config(ROOT / "configs" / "xl_256.json", PROTOCOLS["paper-cfg"])
+    assert cfg.eval.num_samples == 50_000 and cfg.eval.labels == "random"
+    assert cfg.eval.sampler == SamplerConfig(
+        method="sde", steps=250, cfg_scale=1.5, cfg_channels=3, precision="tf32"
+    )
+    assert cfg.eval.vae and cfg.eval.reference  # still those of the config file
+    assert (
+        load_config(ROOT / "configs" / "xl_256.json", PROTOCOLS["paper"]).eval.sampler.cfg_scale
+        == 1
+    )
+
+    save_file(tiny_model().state_dict(), tmp_path / "ema.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model": TINY_MODEL_SECTION}))
+    argv = [
+        "--ckpt",
+        str(tmp_path / "ema.safetensors"),
+        "--config",
+        str(tmp_path / "config.json"),
+        "--protocol",
+        "paper",
+        "--inception-weights",
+        inception_weights,
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    with pytest.raises(SystemExit):
+        evaluate_main(argv)  # the protocol writes the ADM .npz: --save-npz is required
+    assert "--save-npz" in capsys.readouterr().err
+    tiny = ["eval.num_samples=3", "eval.batch_size=3", "eval.is_splits=1", "eval.sampler.steps=2"]
+    out = tmp_path / "samples.npz"
+    evaluate_main([*argv, "--save-npz", str(out), *[a for t in tiny for a in ("--set", t)]])
+    with np.load(out) as npz:
+        assert npz["arr_0"].shape == (3, 8, 8, 3)
+        assert npz["arr_1"].tolist() == sample_labels(range(3), 10, "random", seed=0).tolist()
+
+
+def test_missing_eval_files_are_named(tmp_path, inception_weights):
+    check_eval_files(EvalConfig(inception_weights=inception_weights))
+    with pytest.raises(FileNotFoundError, match="nope.pth does not exist"):
+        check_eval_files(EvalConfig(inception_weights=str(tmp_path / "nope.pth")))
+    missing = str(tmp_path / "ref.npz")
+    with pytest.raises(FileNotFoundError, match="ref.npz does not exist"):
+        check_eval_files(EvalConfig(inception_weights=inception_weights, reference=missing))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("missing", ["inception_weights", "reference", "vae"])
+def test_training_refuses_missing_eval_files_before_the_first_step(tmp_path, missing):
+    """Periodic evaluation files are checked at start (issue: they were found missing only at
+    the first evaluation, possibly hours in). eval.every is beyond the run, so nothing but the
+    start-up check could fail."""
+    from test_distributed import command, env, tiny_config
+
+    weights = tmp_path / "inception.pth"
+    write_random_weights(weights)
+    write_reference(tmp_path)
+    eval_section = {
+        "every": 1000,
+        "num_samples": 2,
+        "is_splits": 1,
+        "inception_weights": str(weights),
+        "reference": str(tmp_path / "reference.npz"),
+    }
+    gone = str(tmp_path / f"missing_{missing}")
+    eval_section[missing] = gone
+    cfg = tiny_config(tmp_path, "ddp", train={"steps": 2})
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), eval=eval_section)))
+    proc = subprocess.run(
+        command("python", 1, cfg), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    assert gone in proc.stderr
+    assert not list((tmp_path / "run").glob("checkpoints/step_*"))  # no step was trained
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or '"loss"' not in metrics.read_text()
+
+
+def test_trainer_frees_the_gathered_ema_model(tmp_path, single_process_env):
+    """The full EMA model gathered for the grid / FID is dropped after the evaluation, so no
+    rank keeps a full fp32 copy between evaluations (the sharded EMA exists to avoid it)."""
+    import gc
+
+    from test_distributed import tiny_config
+
+    from arflow.distributed.env import init_distributed, shutdown
+    from arflow.train import Trainer
+
+    def live_models() -> int:
+        gc.collect()
+        return sum(type(o) is ARFlow for o in gc.get_objects())
+
+    cfg = load_config(tiny_config(tmp_path, "ddp", train={"steps": 2}))
+    info = init_distributed("cpu")
+    try:
+        trainer = Trainer(cfg, info)
+        before = live_models()
+        trainer.evaluate()
+        assert (tmp_path / "run" / "samples" / "ema_step_000000000.png").exists()
+        assert live_models() == before
+        trainer.logger.close()
+    finally:
+        shutdown()
+
+
+def test_grid_cells_are_enlarged_and_separated(tmp_path):
+    from PIL import Image
+
+    images = torch.tensor([50, 100, 150], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 8, 8)
+    path = save_grid(images.contiguous(), tmp_path / "grid.png", cols=2)
+    with Image.open(path) as png:
+        grid = np.asarray(png)
+    assert grid.shape == (64 + 2 + 64, 64 + 2 + 64)  # 8 px digits enlarged 8x, 2 px gaps
+    assert (grid[:64, :64] == 50).all() and (grid[:64, 66:] == 100).all()
+    assert (grid[66:, :64] == 150).all() and (grid[66:, 66:] == 0).all()  # empty cell: black
+    assert (grid[64:66] == 255).all() and (grid[:, 64:66] == 255).all()  # white gaps
+    with Image.open(save_grid(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), path)) as png:
+        assert png.size == (64 + 2 + 64, 64)  # 64 px and larger stay as they are
+
+
+def sample_cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "launchers" / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--classes", ""], "give at least one class id"),
+        (["--classes", "1,x"], "comma-separated integers"),
+        (["--classes", "1", "--cols", "-2"], "--cols: must be >= 1"),
+        (["--classes", "1", "--steps", "0"], "--steps: must be >= 1"),
+        (["--classes", "1", "--sampler", "sde", "--steps", "1"], "sampler.steps: must be >= 2"),
+        (["--classes", "1", "--cfg-channels", "some"], "sampler settings"),
+    ],
+)
+def test_sample_cli_rejects_bad_arguments_by_name(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        sample_cli().main(["--ckpt", str(tmp_path / "w.safetensors"), "--out", "g.png", *args])
+    assert exit_info.value.code == 2  # an argument error, before any file is read
+    assert message in capsys.readouterr().err

@@ -2,6 +2,7 @@
 ADM `.npz` of the same images give the same statistics."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,32 @@ def test_clear_errors_for_wrong_inputs(tmp_path, image_sets):
     (tmp_path / "vae" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="reference statistics need images"):
         list(image_batches(tmp_path / "vae", batch_size=2))
+
+
+def test_distance_names_a_missing_file_before_any_download(tmp_path):
+    """A mistyped .npz is named at once: no Inception weights download is attempted (TORCH_HOME
+    is an empty folder here) and no shard manifest is blamed."""
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "b.npz", mu=rng.standard_normal(4), sigma=np.eye(4))
+    home = tmp_path / "torch_home"
+    home.mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/fid.py"),
+            "distance",
+            str(tmp_path / "typo.npz"),
+            str(tmp_path / "b.npz"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "TORCH_HOME": str(home)},
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr  # an argument error
+    assert f"{tmp_path / 'typo.npz'} does not exist" in proc.stderr
+    assert "manifest" not in proc.stderr and "download" not in proc.stderr.lower()
+    assert not any(home.iterdir())  # nothing fetched into torch-fidelity's cache

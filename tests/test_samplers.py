@@ -1,10 +1,13 @@
 """Autoregressive samplers: shapes, seeds, batch independence, guidance, state commits."""
 
+import copy
+
 import pytest
 import torch
-from tiny_models import assert_rel_close, tiny_model
+from tiny_models import tiny_model
 
-from arflow.flow.samplers import GuidedVelocity, SamplerConfig, sample
+from arflow.config import Config, ConfigError, config_from_dict
+from arflow.flow.samplers import GuidedVelocity, SamplerConfig, sample, sampling_precision
 
 LABELS = torch.tensor([0, 3, 1])
 SEEDS = [11, 22, 33]
@@ -121,32 +124,37 @@ def test_seeds_must_match_labels(model):
         sample(model, LABELS[:2], SEEDS)
 
 
-def test_memory_off_gives_every_step_an_empty_state(model):
-    """The SiT baseline's sampler (a model trained on single images): no state is carried."""
-    config = SamplerConfig(method="euler", steps=4)
-    with StepRecorder(model) as rec:
-        memoryless = sample(model, LABELS, SEEDS, config, memory=False)
-    assert rec.seen == [0, 0, 0, 0]
-    assert (memoryless - sample(model, LABELS, SEEDS, config)).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("attention", ["hybrid", "causal_softmax"])
-def test_euler_steps_equal_the_parallel_forward_over_the_trajectory(attention):
-    """Both attentions run through the samplers unchanged: Euler's velocity at step i, read
-    through the carried state (d x d state or key/value cache), equals the parallel forward
-    over the chunks of steps 0..i at their times, last image."""
-    model = tiny_model(seed=4, attention=attention)
-    steps = 4
-    sampled = sample(model, LABELS, SEEDS, SamplerConfig(method="euler", steps=steps))
-    x = torch.stack(
-        [torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in SEEDS]
+def test_one_sampler_settings_type_in_every_section():
+    cfg = config_from_dict(
+        {
+            "samples": {"sampler": {"method": "heun", "steps": 4}},
+            "eval": {"sampler": {"cfg_scale": 1.5, "cfg_channels": None}},
+        }
     )
-    times = torch.linspace(0.0, 1.0, steps + 1).tolist()
-    chunks = []
-    with torch.no_grad():
-        for i in range(steps):
-            chunks.append(x)
-            t = torch.tensor(times[: i + 1]).expand(len(SEEDS), -1)
-            v = model(torch.stack(chunks, dim=1), t, LABELS)[:, -1]
-            x = x + (times[i + 1] - times[i]) * v
-    assert_rel_close(sampled, x, 1e-5)
+    assert cfg.samples.sampler == SamplerConfig(method="heun", steps=4)
+    assert cfg.eval.sampler == SamplerConfig(cfg_scale=1.5, cfg_channels=None)
+    assert Config().samples.sampler == Config().eval.sampler == SamplerConfig()  # one default
+    with pytest.raises(ConfigError, match=r"^samples\.sampler\.steps: must be >= 2"):
+        config_from_dict({"samples": {"sampler": {"steps": 1}}})
+    with pytest.raises(ConfigError, match=r"^eval\.sampler\.precision: must be one of"):
+        config_from_dict({"eval": {"sampler": {"precision": "fp16"}}})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast sampling needs CUDA")
+def test_bf16_sampling_on_cuda_stays_close_to_fp32(model):
+    """precision "auto" samples under bf16 autocast with TF32 on CUDA; the inter-image state
+    stays fp32, and the TF32 flags are restored afterwards."""
+    cuda_model = copy.deepcopy(model).cuda()
+    labels = LABELS.cuda()
+    exact = sample(cuda_model, labels, SEEDS, SamplerConfig(steps=20, precision="fp32"))
+    fast = sample(cuda_model, labels, SEEDS, SamplerConfig(steps=20, precision="auto"))
+    assert not torch.equal(exact, fast)  # the autocast really ran
+    assert ((fast - exact).norm() / exact.norm()).item() < 0.05
+    flags = torch.backends.cuda.matmul.allow_tf32
+    x = torch.randn(3, 3, 8, 8, device="cuda")
+    with sampling_precision("auto", torch.device("cuda")):
+        assert torch.backends.cuda.matmul.allow_tf32
+        _, state = GuidedVelocity(cuda_model, labels, SamplerConfig(cfg_scale=1.5))(x, 0.3, None)
+    assert torch.backends.cuda.matmul.allow_tf32 == flags
+    assert all(layer.dtype == torch.float32 for layer in state.layers)
