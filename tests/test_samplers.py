@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import assert_rel_close, tiny_model
 
 from arflow.config import Config, ConfigError, config_from_dict
 from arflow.flow.samplers import GuidedVelocity, SamplerConfig, sample, sampling_precision
@@ -122,6 +122,37 @@ def test_bad_sampler_config(kwargs, message):
 def test_seeds_must_match_labels(model):
     with pytest.raises(ValueError, match="3 seeds"):
         sample(model, LABELS[:2], SEEDS)
+
+
+def test_memory_off_gives_every_step_an_empty_state(model):
+    """The SiT baseline's sampler (a model trained on single images): no state is carried."""
+    config = SamplerConfig(method="euler", steps=4)
+    with StepRecorder(model) as rec:
+        memoryless = sample(model, LABELS, SEEDS, config, memory=False)
+    assert rec.seen == [0, 0, 0, 0]
+    assert (memoryless - sample(model, LABELS, SEEDS, config)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attention", ["hybrid", "causal_softmax"])
+def test_euler_steps_equal_the_parallel_forward_over_the_trajectory(attention):
+    """Both attentions run through the samplers unchanged: Euler's velocity at step i, read
+    through the carried state (d x d state or key/value cache), equals the parallel forward
+    over the chunks of steps 0..i at their times, last image."""
+    model = tiny_model(seed=4, attention=attention)
+    steps = 4
+    sampled = sample(model, LABELS, SEEDS, SamplerConfig(method="euler", steps=steps))
+    x = torch.stack(
+        [torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in SEEDS]
+    )
+    times = torch.linspace(0.0, 1.0, steps + 1).tolist()
+    chunks = []
+    with torch.no_grad():
+        for i in range(steps):
+            chunks.append(x)
+            t = torch.tensor(times[: i + 1]).expand(len(SEEDS), -1)
+            v = model(torch.stack(chunks, dim=1), t, LABELS)[:, -1]
+            x = x + (times[i + 1] - times[i]) * v
+    assert_rel_close(sampled, x, 1e-5)
 
 
 def test_one_sampler_settings_type_in_every_section():
