@@ -412,6 +412,7 @@ class Trainer:
                             "step_time_s": step_time,
                             "peak_memory_gb": peak_memory_gb(self.info.device),
                             "skipped_steps": self.skipped_total,
+                            "data_bad_samples": self.loader.bad_samples,  # this rank's
                         },
                     )
                     window = {k: [] for k in window}

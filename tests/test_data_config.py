@@ -128,3 +128,29 @@ def test_default_storage_settings_fail_a_silent_endpoint_within_a_minute(aws_env
     took, records = fail_on_silent_endpoint()
     assert took < 75, f"gave up after {took:.0f} s"
     assert records and records[0][0] < 15, f"first retry reported after {records[0][0]:.0f} s"
+
+
+@pytest.mark.slow  # the training launcher in a subprocess
+def test_bad_sample_count_reaches_metrics_jsonl(digits_copy, tmp_path):
+    from test_distributed import command, run, tiny_config
+
+    manifest = load_manifest(str(digits_copy))
+    for shard in manifest.shards:  # every shard's first sample: a .npy with a broken magic
+        with open(shard.url, "r+b") as f:
+            f.seek(3 * 512)
+            f.write(b"garbage")
+    cfg = tiny_config(
+        tmp_path,
+        "ddp",
+        model={"in_channels": 3, "num_classes": 10},
+        data={"url": str(digits_copy), "seq_len": 5, "num_workers": 1},
+        train={"steps": 4, "global_batch_size": 4, "micro_batch_size": 4},
+        logging={"every": 2},
+        samples={"every": 0},
+    )
+    run(command("python", 1, cfg))
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    counts = [r["data_bad_samples"] for r in rows if "loss" in r]
+    assert len(counts) == 2 and 1 <= counts[0] <= counts[1] <= len(manifest.shards), counts

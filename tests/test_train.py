@@ -152,6 +152,10 @@ def _poisoned_run(config_path: str) -> None:
         def close(self):
             self.inner.close()
 
+        @property
+        def bad_samples(self):
+            return self.inner.bad_samples
+
         def __iter__(self):
             for i, (x, y) in enumerate(self.inner):
                 yield (x * float("nan") if i in bad else x), y
