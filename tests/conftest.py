@@ -120,3 +120,27 @@ def digits_shards(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("digits8"))
     build_shards(DigitsSource(8), PixelEncoder(8), out, shard_size=64_000, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> str:
+    """A small random diffusers AutoencoderKL saved with save_pretrained (2x down/upsampling,
+    4 latent channels, scaling_factor 0.18215 as the SD-VAE's), loaded through the real code."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return str(path)

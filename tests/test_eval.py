@@ -297,21 +297,7 @@ def test_launcher_evaluates_a_state_dict(tmp_path, inception_weights, single_pro
     }
 
 
-def test_latent_models_are_decoded_with_the_vae(tmp_path):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=8,
-    ).save_pretrained(tmp_path / "vae")
+def test_latent_models_are_decoded_with_the_vae(tmp_path, tiny_vae):
     model = ARFlow(
         input_size=4,
         patch_size=2,
@@ -324,13 +310,42 @@ def test_latent_models_are_decoded_with_the_vae(tmp_path):
     sampler = SamplerConfig(method="euler", steps=2)
     with pytest.raises(ValueError, match="set eval.vae"):
         ImageGenerator(model, sampler, 0)
-    generator = ImageGenerator(model, sampler, 0, vae=load_vae(tmp_path / "vae"))
+    generator = ImageGenerator(model, sampler, 0, vae=load_vae(tiny_vae))
     assert generator.image_shape == (3, 8, 8)  # one 2x upsampling stage
     labels, images = generator(range(3))
     assert labels.tolist() == [0, 1, 2] and images.dtype == torch.uint8
     assert images.shape == (3, 3, 8, 8)
     with pytest.raises(FileNotFoundError, match="cannot load a diffusers AutoencoderKL"):
         load_vae(tmp_path / "missing")
+
+
+def test_vae_module_scale_shapes_and_fp32_decoding(tiny_vae):
+    """The one VAE module: the latent scale comes from the VAE's config (a manifest's other
+    value is refused), latents are decoded / scale in fp32 even under an autocast."""
+    from diffusers import AutoencoderKL
+
+    vae = load_vae(tiny_vae)
+    assert vae.scaling_factor == pytest.approx(0.18215) and vae.downsampling == 2
+    assert vae.latent_shape(16) == (4, 8, 8) and vae.image_shape(8) == (3, 16, 16)
+    with pytest.raises(ValueError, match="not a multiple of the VAE's downsampling factor 2"):
+        vae.latent_shape(15)
+    load_vae(tiny_vae, scaling_factor=0.18215)  # the manifest agrees
+    with pytest.raises(ValueError, match="latent scale mismatch"):
+        load_vae(tiny_vae, scaling_factor=0.13025)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, logvar = vae.encode_moments(images)
+    assert mean.shape == logvar.shape == (2, 4, 8, 8) and logvar.max() <= 20
+    reference = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    latents = mean * 0.18215
+    with torch.no_grad():
+        expected = reference.decode(mean).sample
+    torch.testing.assert_close(vae.decode(latents), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = vae.decode(latents)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, expected)
+    with pytest.raises(ValueError, match=r"decodes \(B, 4, h, w\) latents"):
+        vae.decode(torch.zeros(1, 3, 8, 8))
 
 
 def test_paper_protocol_preset(tmp_path, inception_weights, single_process_env, capsys):

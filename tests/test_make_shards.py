@@ -210,27 +210,6 @@ def test_image_folder_errors_name_the_class_and_the_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def vae_shards(tmp_path_factory, tiny_vae):
     root = tmp_path_factory.mktemp("vae_shards")
     make_image_folder(root / "src", {"a": 8, "b": 7})
