@@ -188,6 +188,11 @@ class Trainer:
             manifest = getattr(self.loader, "manifest", None)
             scale = manifest.scaling_factor if manifest is not None else None
             self.vae = load_vae(cfg.eval.vae, "cpu", scaling_factor=scale)
+            if self.vae.latent_channels != cfg.model.in_channels:
+                raise ConfigError(
+                    f"eval.vae: the VAE at {cfg.eval.vae} has {self.vae.latent_channels} latent "
+                    f"channels, the model {cfg.model.in_channels} input channels"
+                )
 
     # ------------------------------------------------------------------------ checkpoints
     def _rank_file(self, root: str, rank: int) -> str:

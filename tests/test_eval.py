@@ -398,11 +398,11 @@ def test_missing_eval_files_are_named(tmp_path, inception_weights):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("missing", ["inception_weights", "reference", "vae"])
-def test_training_refuses_missing_eval_files_before_the_first_step(tmp_path, missing):
+@pytest.mark.parametrize("bad", ["inception_weights", "reference", "vae", "vae_channels"])
+def test_training_refuses_bad_eval_files_before_the_first_step(tmp_path, tiny_vae, bad):
     """Periodic evaluation files are checked at start (issue: they were found missing only at
-    the first evaluation, possibly hours in). eval.every is beyond the run, so nothing but the
-    start-up check could fail."""
+    the first evaluation, possibly hours in): missing files, or a VAE whose latents are not the
+    model's inputs. eval.every is beyond the run, so nothing but the start-up check can fail."""
     from test_distributed import command, env, tiny_config
 
     weights = tmp_path / "inception.pth"
@@ -415,15 +415,18 @@ def test_training_refuses_missing_eval_files_before_the_first_step(tmp_path, mis
         "inception_weights": str(weights),
         "reference": str(tmp_path / "reference.npz"),
     }
-    gone = str(tmp_path / f"missing_{missing}")
-    eval_section[missing] = gone
+    if bad == "vae_channels":  # a 4-channel VAE for the 1-channel pixel model
+        eval_section["vae"] = tiny_vae
+        expected = f"eval.vae: the VAE at {tiny_vae} has 4 latent channels"
+    else:
+        eval_section[bad] = expected = str(tmp_path / f"missing_{bad}")
     cfg = tiny_config(tmp_path, "ddp", train={"steps": 2})
     cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), eval=eval_section)))
     proc = subprocess.run(
         command("python", 1, cfg), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode != 0
-    assert gone in proc.stderr
+    assert expected in proc.stderr
     assert not list((tmp_path / "run").glob("checkpoints/step_*"))  # no step was trained
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.exists() or '"loss"' not in metrics.read_text()
