@@ -135,6 +135,7 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     dir: str | None = None  # local path or fsspec URL; default <run.dir>/checkpoints
+    storage_options: dict | None = None  # fsspec options for a URL (e.g. S3 endpoint_url)
     every: int = 1000  # steps; 0 saves only at the end and on SIGTERM / SIGUSR1
     keep_last: int = 3
 

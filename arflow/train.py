@@ -12,7 +12,6 @@ good checkpoint stays the latest).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -20,14 +19,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from arflow.config import Config, ConfigError, ModelConfig
+from arflow.config import Config, ConfigError
 from arflow.distributed.backend import Backend, build_backend
-from arflow.distributed.checkpoint import CheckpointManager, Found, fetch
-from arflow.distributed.ema import EMA
+from arflow.distributed.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    Found,
+    check_compatible,
+)
+from arflow.distributed.ema import EMA, local_shard
 from arflow.distributed.env import DistInfo, any_true, init_distributed, shutdown
 from arflow.distributed.failure import FailureWatch
 from arflow.flow.transport import training_loss
-from arflow.models import ARFlow
+from arflow.models import ARFlow, architecture_of, save_pretrained
 from arflow.models.vae import load_vae
 from arflow.utils.images import grid_pixels, save_grid
 from arflow.utils.metrics import MetricsLogger, peak_memory_gb
@@ -90,37 +94,6 @@ def build_loader(cfg: Config, info: DistInfo):
     return loader
 
 
-def check_compatible(found: Found, cfg: Config, world_size: int) -> bool:
-    """Fail clearly if the checkpoint cannot be resumed with `cfg`. Returns whether its
-    layout differs from this run's (another world size or ZeRO stage: load resharding)."""
-    saved = found.meta["config"]
-    saved_arch = ModelConfig(**saved["model"]).architecture()
-    arch = cfg.model.architecture()
-    # Only whether label dropout is on changes a shape (the null-class row), not its rate.
-    for a in (saved_arch, arch):
-        a["class_dropout_prob"] = a["class_dropout_prob"] > 0
-    diff = [
-        f"model.{k}: checkpoint {saved_arch[k]!r}, config {arch[k]!r}"
-        for k in arch
-        if saved_arch[k] != arch[k]
-    ]
-    if diff:
-        raise ConfigError(
-            f"checkpoint {found.url} does not fit this config; parameter shapes would change "
-            f"({'; '.join(diff)}). Start a new run (another checkpoint.dir) to train a new shape."
-        )
-    backend = saved["parallel"]["backend"]
-    if backend != cfg.parallel.backend:
-        raise ConfigError(
-            f"parallel.backend: checkpoint {found.url} was written by {backend!r}, the config "
-            f"uses {cfg.parallel.backend!r}; optimizer-state layouts differ between backends"
-        )
-    stage_changed = (
-        backend == "deepspeed" and saved["parallel"]["zero_stage"] != cfg.parallel.zero_stage
-    )
-    return found.meta["world_size"] != world_size or stage_changed
-
-
 def check_eval_files(cfg: Config) -> None:
     """The periodic evaluation's files (Inception weights, reference statistics) exist and its
     libraries are installed; checked at start, not at the first evaluation."""
@@ -135,29 +108,29 @@ def check_eval_files(cfg: Config) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo, resume: str | None = None):
+    def __init__(
+        self, cfg: Config, info: DistInfo, resume: str | None = None, overwrite: bool = False
+    ):
         self.cfg = cfg.validate(info.world_size)
         self.info = info
         if cfg.eval.every:
             check_eval_files(cfg)  # hours before the first evaluation would find them missing
         self.run_dir = Path(cfg.run.dir)
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, info, cfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(
+            cfg.checkpoint_dir, info, cfg.checkpoint.keep_last, cfg.checkpoint.storage_options
+        )
         self.grad_accum = cfg.grad_accumulation(info.world_size)
         arch = cfg.model.architecture()
         self.tokens_per_image = (cfg.model.input_size // arch["patch_size"]) ** 2
 
-        # Resume target first: an incompatible checkpoint fails before anything is built.
+        # Ownership and the resume target first: a directory in use or not writable, and a
+        # damaged or incompatible checkpoint, fail before anything is built.
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            removed = self.ckpt.remove_incomplete()
-            if removed:
-                print(f"removed incomplete checkpoints at steps {removed}", flush=True)
-        dist.barrier()
-        found = None
-        if resume == "auto":
-            found = self.ckpt.latest()
-        elif resume:
-            found = self.ckpt.find(resume)
+        removed = self.ckpt.open(run_dir=str(self.run_dir))
+        if removed and info.is_main:
+            print(f"removed incomplete checkpoints at steps {removed}", flush=True)
+        found = self.ckpt.resume_target(resume, overwrite)
         reshard = check_compatible(found, cfg, info.world_size) if found else False
 
         self.loader = build_loader(cfg, info)
@@ -195,43 +168,46 @@ class Trainer:
                 )
 
     # ------------------------------------------------------------------------ checkpoints
-    def _rank_file(self, root: str, rank: int) -> str:
-        return os.path.join(root, "trainer", f"rank_{rank:05d}.pt")
+    def rank_state(self) -> dict:
+        """This rank's part of the training state beyond the backend's: random streams, data
+        position, counters (tensors and plain values: loaded weights-only)."""
+        return {
+            "rng": rng_state(),
+            "data": self.loader.state_dict(),
+            "skipped_total": self.skipped_total,
+            "nonfinite_streak": self.nonfinite_streak,
+        }
 
     def save(self) -> str:
         t0 = time.perf_counter()
-
-        def write(local_dir: str) -> None:
-            os.makedirs(os.path.join(local_dir, "trainer"), exist_ok=True)
-            state = {
-                "rng": rng_state(),
-                "data": self.loader.state_dict(),
-                "skipped_total": self.skipped_total,
-                "nonfinite_streak": self.nonfinite_streak,
-            }
-            torch.save(state, self._rank_file(local_dir, self.info.rank))
-            self.backend.save(local_dir, self.ema.shadow)
-
-        meta = {
-            "world_size": self.info.world_size,
-            "config": self.cfg.to_dict(),
-            "arflow_checkpoint_version": 1,
-        }
-        url = self.ckpt.save(self.step, write, meta)
+        ema = self.full_model(self.ema.shadow)  # collective; rank 0 writes it
+        url = self.ckpt.save(
+            self.step,
+            write_state=self.backend.save_state,
+            rank_state=self.rank_state(),
+            ema={k: v.cpu() for k, v in ema.state_dict().items()} if self.info.is_main else None,
+            arch=architecture_of(ema),
+            config=self.cfg.to_dict(),
+            world_size=self.info.world_size,
+        )
+        del ema
         seconds = time.perf_counter() - t0
         self.logger.log(self.step, {"checkpoint_seconds": seconds})
         self.logger.message(f"step {self.step}: checkpoint {url} ({seconds:.2f} s)")
         return url
 
     def _load(self, found: Found, reshard: bool) -> None:
-        path, shared, cleanup = fetch(found)
+        """Restore the backend, the EMA and this rank's state from `found` (verified)."""
         try:
-            self.backend.load(path, self.ema.shadow, reshard=reshard, shared=shared)
+            self.backend.load_state(found.local, reshard=reshard, shared=found.shared)
+            saved = self.ckpt.load_ema(found)
+            local = self.backend.shard_full({n: saved[n] for n in self.ema.shadow})
+            with torch.no_grad():
+                for name, shadow in self.ema.shadow.items():
+                    local_shard(shadow).copy_(local_shard(local[name]))
             self.step = found.step
             if found.meta["world_size"] == self.info.world_size:
-                state = torch.load(
-                    self._rank_file(path, self.info.rank), map_location="cpu", weights_only=False
-                )
+                state = self.ckpt.load_rank_state(found, self.info.rank)
                 set_rng_state(state["rng"])
                 self.loader.load_state_dict(state["data"])
                 self.skipped_total = state["skipped_total"]
@@ -240,12 +216,18 @@ class Trainer:
                 # Another world size: the data pipeline re-plans the rest of the epoch from any
                 # old rank's state (each sequence still seen once); the random streams cannot
                 # be split the same way, so they restart from seeds derived from the step.
-                state = torch.load(self._rank_file(path, 0), map_location="cpu", weights_only=False)
+                state = self.ckpt.load_rank_state(found, 0)
                 self.loader.load_state_dict(state["data"])
                 self.skipped_total = state["skipped_total"]
                 seed_rank(self.cfg.run.seed + found.step, self.info.rank)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(
+                f"loading checkpoint {found.url} (step {found.step}) failed: {err}"
+            ) from err
         finally:
-            cleanup()
+            found.release()
 
     # -------------------------------------------------------------------- EMA sampling
     def full_model(self, tensors: dict[str, torch.Tensor]) -> ARFlow:
@@ -309,17 +291,19 @@ class Trainer:
 
     def export(self) -> None:
         """Rank 0 writes the full fp32 weights, `model.safetensors` (master) and
-        `ema.safetensors`, into the run directory: what sampling, evaluation and conversion
-        tools load without knowing the backend."""
-        from safetensors.torch import save_file
-
+        `ema.safetensors`, into the run directory as self-describing files (architecture and
+        config in their metadata): what `load_pretrained`, sampling, evaluation and conversion
+        read without knowing the backend."""
         for name, tensors in (("model", self.backend.master_params()), ("ema", self.ema.shadow)):
-            state = {
-                k: v.detach().cpu().clone()
-                for k, v in self.full_model(tensors).state_dict().items()
-            }
+            model = self.full_model(tensors)
             if self.info.is_main:
-                save_file(state, str(self.run_dir / f"{name}.safetensors"))
+                save_pretrained(
+                    model.state_dict(),
+                    self.run_dir / f"{name}.safetensors",
+                    architecture_of(model),
+                    self.cfg.to_dict(),
+                )
+            del model
         if self.info.is_main:
             self.logger.message(
                 f"weights: {self.run_dir / 'model.safetensors'}, {self.run_dir / 'ema.safetensors'}"
@@ -452,14 +436,20 @@ class Trainer:
             if own_signals:
                 signals.restore()
             self.logger.close()
+            self.ckpt.close()
         return outcome
 
 
 def run(
-    cfg: Config, resume: str | None = None, signals: PreemptionSignals | None = None
+    cfg: Config,
+    resume: str | None = None,
+    overwrite: bool = False,
+    signals: PreemptionSignals | None = None,
 ) -> str:
-    """Join the process group, train, leave. `resume`: None, "auto" or a checkpoint URL.
-    `signals`: preemption signals installed by the launcher before its imports (else here).
+    """Join the process group, train, leave. `resume`: None, "auto" or a checkpoint URL;
+    `overwrite`: start afresh in a checkpoint.dir that holds another run's checkpoints,
+    deleting them (without it such a directory is refused). `signals`: preemption signals
+    installed by the launcher before its imports (else here).
 
     A fatal error on any rank ends every rank within seconds (arflow.distributed.failure);
     SIGTERM / SIGUSR1 during start-up exits at once, in the loop after a save (see
@@ -471,7 +461,7 @@ def run(
         info = init_distributed(cfg.parallel.device, cfg.parallel.collective_timeout_s)
         failure = FailureWatch(info).start()
         try:
-            outcome = Trainer(cfg, info, resume).fit(signals, failure)
+            outcome = Trainer(cfg, info, resume, overwrite).fit(signals, failure)
         except BaseException as error:
             failure.report(error)
             # No barrier: the other ranks are stopping or gone; just release the group.

@@ -31,7 +31,14 @@ def main(argv=None) -> int:
         "--resume",
         default=None,
         metavar="auto|PATH",
-        help="'auto': newest complete checkpoint in checkpoint.dir, if any; or a checkpoint path/URL",
+        help="'auto': continue the checkpoints in checkpoint.dir (the newest intact one of the "
+        "current lineage), if any; or a checkpoint step directory / root, local or URL",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a checkpoint.dir that holds another run's checkpoints, deleting "
+        "them (without --resume or --overwrite such a directory is refused)",
     )
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment carries the same.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -44,7 +51,7 @@ def main(argv=None) -> int:
         return 2
     from arflow.train import run
 
-    run(cfg, resume=args.resume, signals=signals)
+    run(cfg, resume=args.resume, overwrite=args.overwrite, signals=signals)
     return 0
 
 

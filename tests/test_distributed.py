@@ -2,7 +2,12 @@
 
 Exact resume: N steps in one run equal k steps, SIGTERM to the running job, `--resume auto`,
 N - k steps: identical per-step losses and bitwise-identical final fp32 weights and EMA.
-Resharding: a 2-process checkpoint resumes on 1 process with the same weights.
+Resharding: a 2-process checkpoint resumes on 1 process with the same weights (every backend
+and ZeRO stage). DeepSpeed ZeRO-2 on another world size (2 -> 1, 1 -> 2): fp32 master
+weights, Adam moments and EMA after the load equal DeepSpeed's own consolidation of the saved
+checkpoint, and training continues; the losses cannot match an uninterrupted run there (each
+rank's data and random streams are tied to the world size). A ZeRO stage change on the same
+processes continues with exactly the uninterrupted run's losses.
 """
 
 from __future__ import annotations
@@ -152,27 +157,6 @@ def latest_step(ckpt_dir: Path) -> int:
     )
 
 
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "make_shards.py"),
-            "digits",
-            "--out",
-            str(out),
-            "--image-size",
-            "8",
-            "--no-progress",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return str(out)
-
-
 # ZeRO-2 reads the real digits shards through data-loader workers (whose state is part of the
 # exact resume, and which must survive the job-wide SIGTERM); ZeRO-3 and FSDP2 also recompute
 # blocks in backward (activation checkpointing), which must not change a single bit either.
@@ -183,6 +167,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher,backend,stage,checkpointing,real_data", CASES)
 def test_exact_resume_after_sigterm(
     tmp_path, request, launcher, backend, stage, checkpointing, real_data
@@ -221,16 +206,17 @@ def test_exact_resume_after_sigterm(
     if real_data:
         assert_sample_cli_writes_grid(tmp_path / "converted.safetensors", tmp_path / "grid.png")
 
-    if backend == "fsdp2" or stage == 3:
-        # The 2-process checkpoint on one process (DCP resharding / DeepSpeed's universal
-        # checkpoint): with nothing left to train, the run exports the weights it loaded.
-        step_dir = run_dir / "checkpoints" / f"step_{k:09d}"
-        one_cfg = tiny_config(tmp_path / "one", backend, stage, train={"steps": k})
-        run(command("python", 1, one_cfg, "--resume", str(step_dir)))
-        loaded = load_file(tmp_path / "one" / "run" / "model.safetensors")
-        saved = consolidated_weights(step_dir, backend)
-        for name, value in saved.items():
-            assert torch.equal(loaded[name], value.float()), name
+    # The 2-process checkpoint on one process (DCP resharding / DeepSpeed's universal
+    # checkpoint): with nothing left to train, the run exports the weights it loaded.
+    step_dir = run_dir / "checkpoints" / f"step_{k:09d}"
+    one_cfg = tiny_config(tmp_path / "one", backend, stage, train={"steps": k}, **data)
+    run(command("python", 1, one_cfg, "--resume", str(step_dir)))
+    loaded = load_file(tmp_path / "one" / "run" / "model.safetensors")
+    saved = consolidated_weights(step_dir, backend)
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value.float()), name
+    ema = load_file(tmp_path / "one" / "run" / "ema.safetensors")
+    assert all(torch.equal(ema[n], t) for n, t in load_file(step_dir / "ema.safetensors").items())
 
 
 def assert_converted_model_matches_ema(run_dir: Path, out: Path) -> None:
@@ -298,3 +284,125 @@ def consolidated_weights(step_dir: Path, backend: str) -> dict[str, torch.Tensor
 
     dcp_to_torch_save(step_dir, step_dir.parent / "full.pt")
     return torch.load(step_dir.parent / "full.pt")["model"]
+
+
+# ---------------------------------------------- DeepSpeed: another world size or ZeRO stage
+ZERO_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory):
+    """zero_run(stage, nproc): the run directory of an uninterrupted DeepSpeed run of ZERO_STEPS
+    steps checkpointing every 2 steps (made once per module): the source of the resharded
+    resumes and the reference for their losses."""
+    runs = {}
+
+    def get(stage: int, nproc: int) -> Path:
+        if (stage, nproc) not in runs:
+            tmp = tmp_path_factory.mktemp(f"zero{stage}-{nproc}proc")
+            cfg = tiny_config(
+                tmp,
+                "deepspeed",
+                stage,
+                train={"steps": ZERO_STEPS},
+                checkpoint={"every": 2, "keep_last": 5},
+            )
+            run(command("deepspeed" if nproc > 1 else "python", nproc, cfg))
+            runs[stage, nproc] = tmp / "run"
+        return runs[stage, nproc]
+
+    return get
+
+
+def universal_state(step_dir: Path, tmp: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """DeepSpeed's own consolidation of a ZeRO checkpoint (its universal-checkpoint converter):
+    {parameter: {"fp32", "exp_avg", "exp_avg_sq"}} as full tensors."""
+    from arflow.distributed.zero import _to_universal
+
+    _to_universal(str(step_dir / "zero"), str(tmp / "universal"))
+    out = {}
+    for param in (tmp / "universal" / "zero").iterdir():
+        if param.is_dir() and (param / "exp_avg.pt").exists():
+            loaded = {k: torch.load(param / f"{k}.pt") for k in ("fp32", "exp_avg", "exp_avg_sq")}
+            # ZeRO-1/2 sources give {"param": tensor, ...}, ZeRO-3 sources the bare tensor.
+            out[param.name] = {
+                k: v["param"] if isinstance(v, dict) else v for k, v in loaded.items()
+            }
+    return out
+
+
+def resume_and_dump(tmp_path: Path, nproc: int, cfg: Path, step_dir: Path) -> dict:
+    """Resume `cfg` from `step_dir` on `nproc` processes through this file's __main__ (the
+    state right after the load is dumped, then training goes on); check the fp32 master weights,
+    Adam moments and EMA it loaded against DeepSpeed's own consolidation of the checkpoint."""
+    dump = tmp_path / "loaded.pt"
+    head = command("deepspeed" if nproc > 1 else "python", nproc, cfg)[:-3]
+    proc = run([*head, __file__, str(cfg), str(step_dir), str(dump)])
+    assert "resumed from" in proc.stdout + proc.stderr
+    loaded = torch.load(dump)
+    expected = universal_state(step_dir, tmp_path)
+    assert loaded["optimizer"].keys() == expected.keys()
+    for name, tensors in expected.items():
+        for key, value in tensors.items():
+            got = loaded["optimizer"][name][key]  # ZeRO-3's universal files are flat
+            assert torch.equal(got, value.reshape(got.shape)), f"{name} {key}"
+    ema = load_file(step_dir / "ema.safetensors")
+    assert all(torch.equal(loaded["ema"][n], ema[n]) for n in loaded["ema"])
+    return losses(tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)])
+def test_zero2_resumes_on_another_world_size(tmp_path, zero_run, saved_on, resumed_on):
+    step_dir = zero_run(2, saved_on) / "checkpoints" / "step_000000002"
+    cfg = tiny_config(
+        tmp_path, "deepspeed", 2, train={"steps": ZERO_STEPS}, checkpoint={"every": 2}
+    )
+    after = resume_and_dump(tmp_path, resumed_on, cfg, step_dir)
+    # It trains on from step 2 (other losses: see the module docstring) and saves.
+    assert sorted(after) == [3, 4] and all(torch.isfinite(torch.tensor(list(after.values()))))
+    assert latest_step(tmp_path / "run" / "checkpoints") == ZERO_STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved,resumed", [(2, 1), (2, 3), (3, 1)])
+def test_zero_stage_change_continues(tmp_path, zero_run, saved, resumed):
+    """A ZeRO checkpoint continued under another stage on the same 2 processes, within and
+    across the ZeRO-1/2 and ZeRO-3 families, gives the uninterrupted run's losses bit for bit
+    (the same data, random streams and fp32 arithmetic; only the partitioning differs). This
+    also holds the Adam step count: DeepSpeed's ZeRO-3 universal loader shares one step tensor
+    between parameter groups, which advanced it once per group per step."""
+    reference = zero_run(saved, 2)
+    cfg = tiny_config(tmp_path, "deepspeed", resumed, train={"steps": ZERO_STEPS})
+    after = resume_and_dump(tmp_path, 2, cfg, reference / "checkpoints" / "step_000000002")
+    assert after == {s: v for s, v in losses(reference).items() if s > 2}
+
+
+def _resume_and_dump(config: str, resume: str, out: str) -> None:
+    """Under a launcher: resume `config` from `resume`, write the full fp32 master weights,
+    Adam moments and EMA right after the load (rank 0, to `out`), then train to the end."""
+    import deepspeed
+
+    from arflow.config import load_config
+    from arflow.distributed.env import init_distributed, shutdown
+    from arflow.train import Trainer
+
+    cfg = load_config(config)
+    info = init_distributed("cpu")
+    trainer = Trainer(cfg, info, resume)
+    optimizer = {}
+    for name, p in trainer.backend.trainable.items():
+        optimizer[name] = {
+            "fp32": deepspeed.utils.safe_get_full_fp32_param(p).cpu(),
+            "exp_avg": deepspeed.utils.safe_get_full_optimizer_state(p, "exp_avg").cpu(),
+            "exp_avg_sq": deepspeed.utils.safe_get_full_optimizer_state(p, "exp_avg_sq").cpu(),
+        }
+    ema = {n: t.cpu() for n, t in trainer.ema_model().state_dict().items()}
+    if info.is_main:
+        torch.save({"optimizer": optimizer, "ema": ema}, out)
+    trainer.fit()
+    shutdown()
+
+
+if __name__ == "__main__":
+    _resume_and_dump(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])

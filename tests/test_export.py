@@ -179,7 +179,8 @@ def test_sample_cli_writes_png_of_expected_size(tmp_path):
     ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     with Image.open(out) as image:
-        assert image.size == (3 * 8, 2 * 8)  # 5 images on a 3-column grid
+        # 5 images on a 3-column grid, each 8 px enlarged 8x to 64 px, 2 px between cells
+        assert image.size == (3 * 64 + 2 * 2, 2 * 64 + 2)
         assert image.mode == "RGB"
     first = out.read_bytes()
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
@@ -194,3 +195,74 @@ def test_sample_cli_rejects_bad_classes(tmp_path):
         sample_cli.main(
             ["--ckpt", str(ckpt), "--classes", "1,12", "--out", str(tmp_path / "g.png")]
         )
+
+
+# ---------------------------------------------------------------------- the one loader
+def test_load_pretrained_takes_run_step_and_root_directories(tmp_path):
+    """A run directory (its ema.safetensors), a checkpoint step directory (verified against
+    its meta.json) and a checkpoint root (the newest complete step) all load."""
+    import hashlib
+    import json
+
+    old, new = tiny_model(seed=1), tiny_model(seed=2)
+    run = tmp_path / "run"
+    save_pretrained(new.state_dict(), run / "ema.safetensors", architecture_of(new))
+    root = run / "checkpoints"
+    for step, model in ((10, old), (20, new)):
+        step_dir = root / f"step_{step:09d}"
+        path = save_pretrained(
+            model.state_dict(), step_dir / "ema.safetensors", architecture_of(model)
+        )
+        data = path.read_bytes()
+        record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (step_dir / "meta.json").write_text(
+            json.dumps({"step": step, "files": {path.name: record}})
+        )
+    (root / "step_000000030").mkdir()  # an interrupted save: no meta.json, ignored
+    x, t, y = sequence()
+    for where, expected in ((run, new), (root, new), (root / "step_000000010", old)):
+        assert torch.equal(load_pretrained(where)(x, t, y), expected(x, t, y)), where
+
+    ema = root / "step_000000020" / "ema.safetensors"
+    data = bytearray(ema.read_bytes())
+    data[-8] ^= 0xFF  # a flipped bit inside a tensor: safetensors alone would load it
+    ema.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="step_000000020: ema.safetensors: checksum mismatch"):
+        load_pretrained(root)
+    with pytest.raises(FileNotFoundError, match="holds no weights"):
+        load_pretrained(tmp_path / "run" / "checkpoints" / "step_000000030")
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        load_pretrained(tmp_path / "nowhere")
+
+
+def test_load_pretrained_names_a_corrupt_file(tmp_path):
+    model = tiny_model()
+    path = save_pretrained(model.state_dict(), tmp_path / "m.safetensors", architecture_of(model))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file"):
+        load_pretrained(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_convert_reports_a_corrupt_file_as_corrupt(tmp_path, damage):
+    path, _ = release_checkpoint(tmp_path, "plain")
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[40:200] = bytes(160)  # zeroed inside the pickle
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{path} is corrupt") as info:
+        convert_ckpt.main(["--from-official", str(path), "--out", str(tmp_path / "x.safetensors")])
+    assert "arbitrary code" not in str(info.value)
+
+
+def test_causal_softmax_architecture_round_trip(tmp_path):
+    model = tiny_model(attention="causal_softmax", hidden_size=128, num_heads=2)
+    arch = architecture_of(model)
+    assert arch["attention"] == "causal_softmax"
+    inferred = infer_architecture(model.state_dict())
+    assert inferred == dict(arch, num_heads=2)  # heads: 64 channels each, as in the zoo
+    path = save_pretrained(model.state_dict(), tmp_path / "c.safetensors", arch)
+    x, t, y = sequence()
+    assert torch.equal(load_pretrained(path)(x, t, y), model(x, t, y))

@@ -3,7 +3,8 @@
 
 Sources:
   RUN_CKPT                    a checkpoint directory written by the trainer (DeepSpeed ZeRO
-                              stage 1/2/3, FSDP2 / DCP or DDP): EMA weights by default
+                              stage 1/2/3, FSDP2 / DCP or DDP): EMA weights by default; its
+                              files are checked against the checkpoint's checksums first
   --from-official FILE.pt     a checkpoint of the public ARFlow release: a plain state dict or
                               a dict with "ema" and/or "model"; the architecture is inferred
                               from the tensor shapes (override with the --arch-* flags)
@@ -14,7 +15,9 @@ Examples:
   python tools/convert_ckpt.py --from-official ARFlow-XL-2.pt --to-pt --out arflow_xl2.pt
 
 Load the result with `arflow.models.load_pretrained(path)` or sample with
-`launchers/sample.py --ckpt path`.
+`launchers/sample.py --ckpt path`. (Both also read a checkpoint directory directly; converting
+gives one portable file, or the raw weights with --no-ema.) A damaged file is reported as
+damaged; a pickle that needs code to unpickle is refused, never run.
 """
 
 from __future__ import annotations
@@ -106,4 +109,18 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from arflow.distributed.checkpoint import CheckpointError
+    from arflow.utils.safe_load import CorruptFileError, UnsafeCheckpointError
+
+    try:
+        raise SystemExit(main())
+    except (
+        CheckpointError,
+        CorruptFileError,
+        UnsafeCheckpointError,
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+    ) as err:
+        print(f"convert_ckpt: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from arflow.config import Config
 from arflow.distributed.env import DistInfo
+from arflow.utils.integrity import FileRecorder
 
 # loss_fn(model, x (B, S, C, H, W), y (B,)) -> scalar loss
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -102,16 +103,26 @@ class Backend(ABC):
     def gather_full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Full tensors, on every rank, from local ones laid out like `master_params()`."""
 
-    # ------------------------------------------------------------------------ checkpoints
     @abstractmethod
-    def save(self, path: str, ema: dict[str, torch.Tensor]) -> None:
-        """Write model, optimizer and EMA state under the local directory `path` (every rank)."""
+    def shard_full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of `gather_full`: this rank's part, laid out like `master_params()`, of
+        full tensors (the same on every rank); no communication."""
+
+    # ------------------------------------------------------------------------ checkpoints
+    # The checkpoint component (arflow.distributed.checkpoint) owns directories, integrity
+    # and the EMA; a backend only writes and reads its own model and optimizer state.
+    @abstractmethod
+    def save_state(self, path: str, recorder: FileRecorder) -> None:
+        """Write model and optimizer state under the local directory `path` (every rank),
+        through `recorder` where the library lets us (sizes and checksums while writing)."""
 
     @abstractmethod
-    def load(self, path: str, ema: dict[str, torch.Tensor], reshard: bool, shared: bool) -> None:
-        """Restore what `save` wrote into the live model, optimizer and `ema` (in place).
-        `reshard`: written with another world size or layout; `shared`: every rank sees the
-        same `path` (False when each rank downloaded its own copy of a remote checkpoint)."""
+    def load_state(self, path: str, reshard: bool, shared: bool) -> None:
+        """Restore what `save_state` wrote into the live model and optimizer. `reshard`: written
+        with another world size or layout; `shared`: every rank sees the same `path` (False
+        when each rank downloaded its own copy of a remote checkpoint). Files are verified
+        against the checkpoint's checksums before this is called; pickled files are still
+        refused when they need code to unpickle (arflow.utils.safe_load)."""
 
 
 def build_backend(

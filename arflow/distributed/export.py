@@ -1,8 +1,9 @@
 """Full fp32 weights out of a trainer checkpoint, offline (no process group, any backend).
 
-Used by tools/convert_ckpt.py. DeepSpeed checkpoints hold the EMA consolidated and the master
-weights in ZeRO's partitioned files (read with DeepSpeed's own zero_to_fp32); DDP / FSDP2
-checkpoints are DCP, from which only the requested tensors are read.
+Used by tools/convert_ckpt.py. Every checkpoint holds its EMA as a self-describing
+`ema.safetensors`; the raw (master) weights live in the backend's files: DeepSpeed's ZeRO
+folder (read with DeepSpeed's own zero_to_fp32, after each file is vetted) or torch DCP (only
+the requested tensors are read). Files are checked against the checkpoint's checksums first.
 """
 
 from __future__ import annotations
@@ -13,42 +14,55 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from arflow.config import ModelConfig
-from arflow.distributed.checkpoint import CheckpointManager, fetch
+from arflow.distributed.checkpoint import CheckpointError, find_checkpoint, verify
+from arflow.distributed.dcp_io import SafeFileSystemReader, SafeLoadPlanner
 from arflow.models import ARFlow
-from arflow.models.pretrained import architecture_of
+from arflow.models.pretrained import EMA_FILE, architecture_of, read_metadata
+from arflow.utils.safe_load import check_torch_file
 
 
 def read_trainer_checkpoint(
-    ckpt: str, use_ema: bool = True
+    ckpt: str, use_ema: bool = True, storage_options: dict | None = None
 ) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """`ckpt`: a step directory or a checkpoint root (its newest complete step); local or URL.
-    Returns (state dict of the EMA or the raw weights, constructor arguments, training config)."""
-    found = CheckpointManager(ckpt, info=None, keep_last=1).find(ckpt)
-    config = found.meta["config"]
-    model = ARFlow(**ModelConfig(**config["model"]).architecture())
-    state = model.state_dict()  # frozen tensors (the positional table) come from here
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    path, _, cleanup = fetch(found)
+    """`ckpt`: a step directory or a checkpoint root (the checkpoint `--resume auto` would
+    take); local or URL. Returns (state dict of the EMA or the raw weights, constructor
+    arguments, training config). A damaged checkpoint raises CheckpointError naming the file."""
+    found = find_checkpoint(ckpt, storage_options)
+    problems = verify(found)
     try:
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {found.url} (step {found.step}) is damaged: {'; '.join(problems)}"
+            )
+        config = found.meta["config"]
+        if use_ema:
+            path = os.path.join(found.local, EMA_FILE)
+            from safetensors.torch import load_file
+
+            return load_file(path), read_metadata(path)["architecture"], config
+        model = ARFlow(**ModelConfig(**config["model"]).architecture())
+        state = model.state_dict()  # frozen tensors (the positional table) come from here
         if config["parallel"]["backend"] == "deepspeed":
-            if use_ema:
-                from safetensors.torch import load_file
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-                loaded = load_file(os.path.join(path, "ema.safetensors"))
-            else:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-                loaded = get_fp32_state_dict_from_zero_checkpoint(path, tag="zero")
+            zero = os.path.join(found.local, "zero")
+            for name in sorted(os.listdir(zero)):
+                if name.endswith(".pt"):
+                    check_torch_file(os.path.join(zero, name))
+            loaded = get_fp32_state_dict_from_zero_checkpoint(found.local, tag="zero")
         else:
-            key = "ema" if use_ema else "model"
-            names = trainable if use_ema else list(state)
-            template = {key: {n: torch.empty_like(state[n]) for n in names}}
-            dcp.load(template, checkpoint_id=path)  # reads only these tensors
-            loaded = template[key]
+            template = {"model": {n: torch.empty_like(t) for n, t in state.items()}}
+            dcp.load(  # reads only these tensors
+                template,
+                storage_reader=SafeFileSystemReader(found.local),
+                planner=SafeLoadPlanner(),
+            )
+            loaded = template["model"]
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        missing = set(trainable) - set(loaded)
+        if missing:
+            raise KeyError(f"checkpoint {found.url} lacks {sorted(missing)[:5]}")
+        state.update({n: loaded[n].float() for n in state if n in loaded})
+        return state, architecture_of(model), config
     finally:
-        cleanup()
-    missing = set(trainable) - set(loaded)
-    if missing:
-        raise KeyError(f"checkpoint {found.url} lacks {sorted(missing)[:5]}")
-    state.update({n: loaded[n].float() for n in state if n in loaded})
-    return state, architecture_of(model), config
+        found.release()

@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
@@ -28,6 +28,7 @@ from arflow.distributed.backend import (
     mean_across_ranks,
     param_groups,
 )
+from arflow.distributed.dcp_io import RecordingWriter, SafeFileSystemReader, SafeLoadPlanner
 from arflow.distributed.env import DistInfo
 
 
@@ -88,17 +89,33 @@ class NativeBackend(Backend):
             for n, t in tensors.items()
         }
 
+    def shard_full(self, tensors):
+        out = {}
+        for name, full in tensors.items():
+            mine = self.trainable[name]
+            if isinstance(mine, DTensor):
+                # Each rank slices its own shard out of the full tensor (no communication).
+                full = distribute_tensor(
+                    full.to(mine.device_mesh.device_type),
+                    mine.device_mesh,
+                    mine.placements,
+                    src_data_rank=None,
+                )
+            out[name] = full
+        return out
+
     # ------------------------------------------------------------------------ checkpoints
-    def _state(self, ema):
+    def _state(self):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd, "ema": ema}
+        return {"model": model_sd, "optim": optim_sd}
 
-    def save(self, path, ema):
-        dcp.save(self._state(ema), checkpoint_id=path)
+    def save_state(self, path, recorder):
+        dcp.save(self._state(), storage_writer=RecordingWriter(path, recorder))
 
-    def load(self, path, ema, reshard, shared):
-        state = self._state(ema)
-        dcp.load(state, checkpoint_id=path)  # in place, resharding as needed
+    def load_state(self, path, reshard, shared):
+        state = self._state()
+        # In place, resharding as needed; metadata and non-tensor items read weights-only.
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
         set_state_dict(
             self.model,
             self.optimizer,

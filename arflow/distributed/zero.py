@@ -10,9 +10,13 @@ partition that this rank owns. Either way the update needs no communication and 
 of a full copy per rank; the checkpoint holds it consolidated (`ema.safetensors`), so it can be
 re-sliced for any world size, and it is gathered only to sample or evaluate.
 
-Resuming on another number of processes goes through DeepSpeed's universal checkpoint: the
-saved ZeRO checkpoint is converted once (by rank 0, next to it) and loaded with
-`load_universal`.
+Resuming on another number of processes or another ZeRO stage (1, 2 or 3, either way) goes
+through DeepSpeed's universal checkpoint: every save records the `universal_checkpoint_info`
+the converter requires; at such a resume the ZeRO folder is converted (by rank 0 when the
+directory is shared, next to it; deleted after loading) and loaded with `load_universal`.
+Data order and random streams cannot be split the same way across another number of
+processes, so losses after such a resume differ from an uninterrupted run's; a stage change
+on the same processes continues exactly.
 """
 
 from __future__ import annotations
@@ -20,11 +24,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from deepspeed.checkpoint.constants import (
+    DS_VERSION,
+    OPTIMIZER_STATE_DICT,
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from torch import nn
 
 from arflow.config import Config
@@ -38,6 +49,8 @@ from arflow.distributed.backend import (
     param_groups,
 )
 from arflow.distributed.env import DistInfo
+from arflow.utils.integrity import FileRecorder
+from arflow.utils.safe_load import check_torch_file, deepspeed_classes, load_torch_file
 
 TAG = "zero"
 UNIVERSAL_TAG = "zero_universal"
@@ -94,11 +107,22 @@ class DeepSpeedBackend(Backend):
         self.optimizer = make_optimizer(
             param_groups(module, cfg.optim.weight_decay), cfg, SkippableAdamW
         )
+        self.hparams = [  # the lr is set at every step
+            {k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")}
+            for g in self.optimizer.param_groups
+        ]
         self.ds_config = deepspeed_config(cfg, info.world_size, self.dtype, universal_resume)
         self.model, _, _, _ = deepspeed.initialize(
             model=module.to(info.device), optimizer=self.optimizer, config=self.ds_config
         )
         self.module = self.model.module
+        # What DeepSpeed's universal-checkpoint converter requires in a ZeRO-1/2 checkpoint
+        # (it refuses one without it): recorded in every save, so any checkpoint reshards.
+        setattr(
+            self.module,
+            UNIVERSAL_CHECKPOINT_INFO,
+            {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+        )
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
     def _cast_inputs(self, module, args):
@@ -166,49 +190,97 @@ class DeepSpeedBackend(Backend):
                 full[name] = buf.view(p.shape)
         return full
 
-    def _local_slice(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        p = self.trainable[name]
-        start, numel = self._fragment(p)
-        flat = full.reshape(-1).float()
-        if self.stage == 3:
-            flat = torch.nn.functional.pad(flat, (0, numel * self.info.world_size - flat.numel()))
-        return flat[start : start + numel]
+    def shard_full(self, tensors):
+        out = {}
+        for name, full in tensors.items():
+            p = self.trainable[name]
+            start, numel = self._fragment(p)
+            flat = full.reshape(-1).float().to(self.info.device)
+            if self.stage == 3:  # ZeRO-3 pads each flat parameter to a multiple of the world
+                flat = torch.nn.functional.pad(
+                    flat, (0, numel * self.info.world_size - flat.numel())
+                )
+            out[name] = flat[start : start + numel]
+        return out
 
     # ------------------------------------------------------------------------ checkpoints
-    def save(self, path, ema):
-        self.model.save_checkpoint(path, tag=TAG, save_latest=False)
-        full = self.gather_full(ema)
+    def save_state(self, path, recorder):
+        # DeepSpeed writes through its checkpoint engine: ours hashes on the way out.
+        engine = self.model.checkpoint_engine
+        self.model.checkpoint_engine = _RecordingEngine(engine, recorder)
+        try:
+            self.model.save_checkpoint(path, tag=TAG, save_latest=False)
+        finally:
+            self.model.checkpoint_engine = engine
         if self.info.is_main:
-            save_file(
-                {n: t.detach().cpu().contiguous() for n, t in full.items()},
-                os.path.join(path, "ema.safetensors"),
-            )
-            with open(os.path.join(path, "deepspeed_config.json"), "w") as f:
-                json.dump(self.ds_config, f, indent=2)
+            with recorder.open("deepspeed_config.json") as f:
+                f.write(json.dumps(self.ds_config, indent=2).encode())
 
-    def load(self, path, ema, reshard, shared):
+    def load_state(self, path, reshard, shared):
+        # DeepSpeed unpickles its files with weights_only=False: each is vetted first.
+        for name in sorted(os.listdir(os.path.join(path, TAG))):
+            if name.endswith(".pt"):
+                check_torch_file(os.path.join(path, TAG, name))
         tag = TAG
+        universal = os.path.join(path, UNIVERSAL_TAG)
+        converter = reshard and (self.info.is_main or not shared)
+        if converter:
+            _to_universal(os.path.join(path, TAG), universal)
+            _match_stage(universal, self.stage)
         if reshard:
-            tag = UNIVERSAL_TAG
-            converter = self.info.is_main if shared else True
-            if converter and not os.path.isdir(os.path.join(path, UNIVERSAL_TAG)):
-                _to_universal(os.path.join(path, TAG), os.path.join(path, UNIVERSAL_TAG))
             dist.barrier()
-        self.model.load_checkpoint(
-            path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        saved = load_file(os.path.join(path, "ema.safetensors"), device=str(self.info.device))
-        with torch.no_grad():
-            for name, local in ema.items():
-                local.copy_(self._local_slice(name, saved[name]))
+            tag = UNIVERSAL_TAG
+        try:
+            self.model.load_checkpoint(
+                path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            # ZeRO-3's universal loader gives every parameter group the first group's
+            # hyper-parameters (weight decay on norms and biases): ours come from the config.
+            # It also gives every group the same `step` tensor, which AdamW increments in place
+            # once per group: each group gets its own.
+            for group, hparams in zip(self.optimizer.param_groups, self.hparams, strict=True):
+                group.update(hparams)
+            for state in self.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        finally:
+            if reshard:
+                dist.barrier()
+                if converter:  # derived data: the committed checkpoint stays as it was written
+                    shutil.rmtree(universal, ignore_errors=True)
+                    latest = os.path.join(path, "latest_universal")
+                    if os.path.exists(latest):
+                        os.remove(latest)
+
+
+class _RecordingEngine:
+    """DeepSpeed's checkpoint engine with `save` writing through the checkpoint's recorder;
+    everything else is the wrapped engine's."""
+
+    def __init__(self, inner, recorder: FileRecorder):
+        self._inner = inner
+        self._recorder = recorder
+
+    def save(self, state_dict, path: str) -> None:
+        zipfile = getattr(self._inner, "zipfile_serialization", True)
+        with self._recorder.open(path) as f:
+            torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def _to_universal(src: str, dst: str) -> None:
+    """DeepSpeed's universal checkpoint (one folder per parameter, any world size or stage)
+    from a ZeRO checkpoint; written fresh under a temporary name, so no half-converted or stale
+    folder is ever loaded."""
     from argparse import Namespace
 
     from deepspeed.checkpoint.ds_to_universal import main
 
     tmp = dst + ".tmp"
+    for leftover in (tmp, dst):
+        shutil.rmtree(leftover, ignore_errors=True)
     main(
         Namespace(
             input_folder=src,
@@ -220,4 +292,41 @@ def _to_universal(src: str, dst: str) -> None:
             inject_missing_state=False,
         )
     )
-    os.replace(tmp, dst)  # a crash mid-conversion leaves no half-converted folder behind
+    os.replace(tmp, dst)
+
+
+def _match_stage(folder: str, stage: int) -> None:
+    """Make a universal checkpoint converted from one ZeRO family (1/2 or 3) loadable by the
+    other. DeepSpeed writes it in the source's layout and reads only the target's: the
+    model-states file name, where the Adam step lives (a `step.pt` per parameter for ZeRO-1/2,
+    the global optimizer state for ZeRO-3), the version tag ZeRO-1/2 requires and the wrapping
+    of each tensor file differ. The tensors themselves (fp32, exp_avg, exp_avg_sq per
+    parameter, full size) are the same."""
+    zero = os.path.join(folder, "zero")
+    state_path = os.path.join(zero, "optimizer_state.pt")
+    state = load_torch_file(state_path, deepspeed_classes())
+    from_stage3 = OPTIMIZER_STATE_DICT in state
+    if (stage == 3) == from_stage3:
+        return
+    params = [d.path for d in os.scandir(zero) if os.path.isfile(os.path.join(d, "fp32.pt"))]
+    stage12_states = "mp_rank_00_model_states.pt"
+    stage3_states = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if stage == 3:
+        step = load_torch_file(os.path.join(params[0], "step.pt"))
+        state[OPTIMIZER_STATE_DICT] = {
+            "state": {0: {"step": step}},
+            "param_groups": state["param_groups"],
+        }
+        shutil.copyfile(os.path.join(folder, stage12_states), os.path.join(folder, stage3_states))
+    else:
+        step = state[OPTIMIZER_STATE_DICT]["state"][0]["step"]
+        for param in params:
+            torch.save(step, os.path.join(param, "step.pt"))
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):  # ZeRO-3 stores bare tensors
+                path = os.path.join(param, f"{key}.pt")
+                tensor = load_torch_file(path)
+                if torch.is_tensor(tensor):
+                    torch.save({"param": tensor}, path)
+        state.setdefault(DS_VERSION, deepspeed.__version__)
+        shutil.copyfile(os.path.join(folder, stage3_states), os.path.join(folder, stage12_states))
+    torch.save(state, state_path)

@@ -1,6 +1,9 @@
 """Self-describing weight files: one `.safetensors` holding an ARFlow state dict plus metadata
 (the constructor arguments and, optionally, the training config), so a model is rebuilt from
-the file alone with `load_pretrained(path)`.
+the file alone with `load_pretrained(path)`. This is the one weight format: the trainer's
+exports (`model.safetensors`, `ema.safetensors`), the EMA in every checkpoint and
+tools/convert_ckpt.py all write it, and `load_pretrained` is the one loader (it also takes a
+run directory or a checkpoint directory).
 
 `infer_architecture` reads the architecture off a state dict's tensor shapes, for files that
 carry no metadata (the public release's checkpoints).
@@ -15,11 +18,14 @@ from pathlib import Path
 
 import torch
 
+from ..utils.integrity import MANIFEST, HashingWriter, verify_listed
+from ..utils.safe_load import CorruptFileError, UnsafeCheckpointError, load_torch_file
 from .arflow import MODEL_NAMES, ARFlow, model_kwargs
 
 ARCH_KEY = "arflow.architecture"
 NAME_KEY = "arflow.model"
 CONFIG_KEY = "arflow.config"
+EMA_FILE = "ema.safetensors"  # the EMA weights in a run directory and in each checkpoint
 
 
 def architecture_of(model: ARFlow) -> dict:
@@ -36,6 +42,7 @@ def architecture_of(model: ARFlow) -> dict:
         class_dropout_prob=model.y_embedder.dropout_prob,
         num_classes=model.num_classes,
         learn_sigma=model.learn_sigma,
+        attention=model.attention,
     )
 
 
@@ -59,7 +66,6 @@ def infer_architecture(state: dict[str, torch.Tensor], class_dropout_prob: float
         "pos_embed",
         "y_embedder.embedding_table.weight",
         "final_layer.linear.weight",
-        "blocks.0.attn.gt_proj.weight",
         "blocks.0.mlp.fc1.weight",
     )
     missing = [k for k in required if k not in state]
@@ -79,27 +85,30 @@ def infer_architecture(state: dict[str, torch.Tensor], class_dropout_prob: float
             f"channels: expected {in_channels} or {2 * in_channels}"
         )
     rows = state["y_embedder.embedding_table.weight"].shape[0]
+    # The hybrid attention has one decay gate per head (gt_proj); the block-causal softmax
+    # ablation has none, and then the heads are not visible in any shape: 64 channels per
+    # head, as in the zoo's /2 models (override with --arch-num-heads).
+    gate = state.get("blocks.0.attn.gt_proj.weight")
     return dict(
         input_size=grid * patch,
         patch_size=patch,
         in_channels=in_channels,
         hidden_size=hidden,
         depth=depth,
-        num_heads=state["blocks.0.attn.gt_proj.weight"].shape[0],
+        num_heads=gate.shape[0] if gate is not None else max(1, hidden // 64),
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
         class_dropout_prob=class_dropout_prob,
         num_classes=rows - 1 if class_dropout_prob > 0 else rows,
         learn_sigma=out_channels == 2 * in_channels,
+        attention="hybrid" if gate is not None else "causal_softmax",
     )
 
 
-def save_pretrained(
-    state: dict[str, torch.Tensor], path: str | Path, arch: dict, config: dict | None = None
-) -> Path:
-    """Write `state` and its architecture (and the training config, if given) to one file.
-    The state is checked against the architecture first (strict), so no unloadable file is
-    written."""
-    from safetensors.torch import save_file
+def weights_bytes(state: dict[str, torch.Tensor], arch: dict, config: dict | None = None) -> bytes:
+    """`state` and its architecture (and the training config, if given) serialised as one
+    self-describing safetensors file. The state is checked against the architecture first
+    (strict), so no unloadable file is ever written."""
+    from safetensors.torch import save
 
     with torch.device("meta"):  # a shape check only: no memory, no initialisation
         ARFlow(**arch).load_state_dict(state, strict=True, assign=True)
@@ -109,21 +118,35 @@ def save_pretrained(
         metadata[NAME_KEY] = name
     if config is not None:
         metadata[CONFIG_KEY] = json.dumps(config)
+    return save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+
+
+def save_pretrained(
+    state: dict[str, torch.Tensor], path: str | Path, arch: dict, config: dict | None = None
+) -> Path:
+    """Write `state` as a self-describing weight file (see `weights_bytes`), atomically."""
+    payload = weights_bytes(state, arch, config)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata
-    )
+    with HashingWriter(str(tmp)) as f:  # write errors (disk full) name the file
+        f.write(payload)
     tmp.replace(path)  # never leave a half-written file under the final name
     return path
 
 
+def _open(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt?): {err}") from None
+
+
 def read_metadata(path: str | Path) -> dict:
     """The metadata of a weight file written by `save_pretrained` (architecture, config)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
+    with _open(Path(path)) as f:
         meta = f.metadata() or {}
     if ARCH_KEY not in meta:
         raise ValueError(
@@ -137,17 +160,39 @@ def read_metadata(path: str | Path) -> dict:
     }
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> ARFlow:
-    """Build the model described by a weight file's metadata and load its weights (strict),
-    in eval mode."""
-    from safetensors.torch import load_file
-
+def resolve_weights(path: str | Path) -> Path:
+    """The weight file `path` stands for: a file as it is; a run directory or a checkpoint step
+    directory: its EMA weights (`ema.safetensors`); a checkpoint root: the EMA weights of its
+    newest complete step directory (one with a meta.json)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weight file {path} does not exist")
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"weights {path} do not exist")
+    if (path / EMA_FILE).is_file():
+        return path / EMA_FILE
+    steps = sorted(
+        d for d in path.iterdir() if (d / MANIFEST).is_file() and (d / EMA_FILE).is_file()
+    )
+    if not steps:
+        raise FileNotFoundError(
+            f"{path} holds no weights: expected a .safetensors file, a run or checkpoint step "
+            f"directory with {EMA_FILE}, or a checkpoint root with complete step directories"
+        )
+    return steps[-1] / EMA_FILE
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> ARFlow:
+    """The model in a self-describing weight file (or a directory, see `resolve_weights`),
+    weights loaded strictly, in eval mode. A file listed in its checkpoint's meta.json is
+    checked against its recorded size and checksum first."""
+    path = resolve_weights(path)
+    verify_listed(str(path))
     meta = read_metadata(path)
     model = ARFlow(**meta["architecture"])
-    model.load_state_dict(load_file(str(path)), strict=True)
+    with _open(path) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 
@@ -159,19 +204,14 @@ def read_official_checkpoint(path: str | Path, use_ema: bool = True) -> dict[str
     and containers, so a file that needs any other code to unpickle is refused, never run.
     """
     import argparse
-    import pickle
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing {path}: it needs arbitrary code to unpickle, which is never executed "
-            f"here (only tensors, containers and argparse.Namespace are allowed). Details: {err}"
-        ) from None
+        obj = load_torch_file(str(path), allowed=[argparse.Namespace])
+    except (UnsafeCheckpointError, CorruptFileError) as err:
+        raise ValueError(str(err)) from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of weights")
     if all(torch.is_tensor(v) for v in obj.values()):

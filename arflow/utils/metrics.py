@@ -42,6 +42,28 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def drop_replayed_rows(path: Path, start_step: int) -> None:
+    """Keep in `path` only the rows up to `start_step`, the step the run starts from: later
+    rows were logged by a run that died or was rolled back after its checkpoint, and this run
+    logs those steps again. They move to `metrics.superseded.jsonl`, so nothing is lost."""
+    if not path.exists():
+        return
+    keep, drop = [], []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+        (keep if step <= start_step else drop).append(line)
+    if not drop:
+        return
+    with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+        f.writelines(line + "\n" for line in drop)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 class MetricsLogger:
     """Create on every rank; only rank 0 writes anything."""
 
@@ -54,6 +76,7 @@ class MetricsLogger:
             return
         self.dir = Path(cfg.run.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        drop_replayed_rows(self.dir / "metrics.jsonl", start_step)
         self.file = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run; close())
         if cfg.logging.progress:
             self.bar = tqdm(
