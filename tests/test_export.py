@@ -266,3 +266,38 @@ def test_causal_softmax_architecture_round_trip(tmp_path):
     path = save_pretrained(model.state_dict(), tmp_path / "c.safetensors", arch)
     x, t, y = sequence()
     assert torch.equal(load_pretrained(path)(x, t, y), model(x, t, y))
+
+
+def test_convert_a_trainer_checkpoint_and_name_its_damage(tmp_path):
+    """A checkpoint written by the checkpoint component converts to a file load_pretrained reads;
+    a damaged one is reported with the file and step, not converted."""
+    from arflow.distributed.checkpoint import CheckpointError, CheckpointManager
+    from arflow.distributed.env import DistInfo
+
+    model = tiny_model(seed=4)
+    arch = architecture_of(model)
+    config = {"model": {"name": "ARFlow-S/2", **arch}, "parallel": {"backend": "ddp"}}
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    manager = CheckpointManager(str(tmp_path / "ckpt"), info)
+    step_dir = manager.save(
+        7,
+        write_state=lambda path, recorder: None,
+        rank_state={},
+        ema=model.state_dict(),
+        arch=arch,
+        config=config,
+        world_size=1,
+    )
+    out = tmp_path / "converted.safetensors"
+    convert_ckpt.main([str(tmp_path / "ckpt"), "--out", str(out)])
+    x, t, y = sequence()
+    assert torch.equal(load_pretrained(out)(x, t, y), model(x, t, y))
+    assert torch.equal(load_pretrained(step_dir)(x, t, y), model(x, t, y))
+
+    ema = Path(step_dir) / "ema.safetensors"
+    data = bytearray(ema.read_bytes())
+    data[-4] ^= 0x01
+    ema.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"\(step 7\) is damaged: ema.safetensors: checksum"):
+        convert_ckpt.main([step_dir, "--out", str(tmp_path / "again.safetensors")])
+    assert not (tmp_path / "again.safetensors").exists()
