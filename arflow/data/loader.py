@@ -49,9 +49,12 @@ prefetched by workers): per stream its plan position, plus the batch count. ``lo
 Bad input. A missing, invalid or unknown-version manifest raises ManifestError naming its URL; a
 class with fewer than seq_len samples raises ManifestError naming it (or is dropped with a warning
 when ``min_per_class`` is given); a consumer expectation (``expect_shape`` / ``expect_encoding``)
-not met raises ManifestError naming both. A corrupt or truncated shard member is skipped with a
-BadSampleWarning naming shard and member, and the sequences using it are dropped; past
-``max_bad_samples`` (per stream, and summed per rank) a ShardError stops the run. A shard that
+not met raises ManifestError naming both. Shards listed in the manifest that do not exist raise
+ShardError naming all of them when the loader is built (one listing of the shard directory), and
+a shard deleted later when a stream reaches it. A corrupt or truncated shard member is skipped
+with a BadSampleWarning naming shard and member, and the sequences using it are dropped
+(``bad_samples`` counts them); past ``max_bad_samples`` (per stream, and summed per rank) a
+ShardError stops the run. A shard that
 decodes but does not hash to the manifest's sha256 raises ShardError. Unreachable storage or wrong
 credentials raise StorageError naming the URL after bounded retries (see :mod:`arflow.data.storage`).
 """
