@@ -96,7 +96,11 @@ class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 256
     micro_batch_size: int = 32
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # The threshold of grad_clip_mode; 0 disables clipping. "value" clamps every gradient
+    # element to [-grad_clip, grad_clip] (the public release: 3.0); "norm" rescales the whole
+    # gradient to a global L2 norm <= grad_clip. The logged grad_norm is taken before clipping.
+    grad_clip: float = 3.0
+    grad_clip_mode: Literal["value", "norm"] = "value"
     # Consecutive steps with a non-finite loss or gradient after which the run stops.
     max_nonfinite_steps: int = 10
 
@@ -121,8 +125,10 @@ class EMAConfig:
 class ParallelConfig:
     backend: Literal["deepspeed", "fsdp2", "ddp"] = "deepspeed"
     zero_stage: int = 2  # DeepSpeed only: 1, 2 or 3
-    # "auto": bf16 on CUDA, fp32 on CPU. Master weights and optimizer state are fp32 always.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # "bf16": bf16 activations (TF32 for what stays fp32); "tf32": fp32 weights and activations
+    # with TF32 matmuls, as the public release trains; "fp32": exact. "auto": bf16 on CUDA, fp32
+    # on CPU (where tf32 is plain fp32). Master weights and optimizer state are fp32 always.
+    precision: Literal["auto", "bf16", "tf32", "fp32"] = "auto"
     activation_checkpointing: bool = False  # per transformer block
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # How long a collective (or barrier) may wait for the other ranks before the process group

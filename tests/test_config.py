@@ -35,8 +35,11 @@ def test_reference_hyperparameters():
     )
     assert cfg.data.seq_len == 5
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == (1e-4, [0.9, 0.95], 0.02)
-    assert cfg.ema.decay == 0.9999 and cfg.train.grad_clip > 0
+    assert cfg.ema.decay == 0.9999
     assert cfg.parallel.precision in ("auto", "bf16")
+    for name in ("xl_256.json", "xl_128.json"):  # the release clips by value at 3.0
+        train = load_config(ROOT / "configs" / name).train
+        assert (train.grad_clip_mode, train.grad_clip) == ("value", 3.0)
 
 
 @pytest.mark.parametrize(
@@ -99,7 +102,12 @@ def test_overrides_parse_json_values_and_create_nothing_unknown():
 def test_deepspeed_json_is_generated_from_ours():
     cfg = config_from_dict(
         {
-            "train": {"global_batch_size": 256, "micro_batch_size": 16, "grad_clip": 0.5},
+            "train": {
+                "global_batch_size": 256,
+                "micro_batch_size": 16,
+                "grad_clip": 0.5,
+                "grad_clip_mode": "norm",
+            },
             "parallel": {"zero_stage": 3},
         }
     )
@@ -107,6 +115,9 @@ def test_deepspeed_json_is_generated_from_ours():
     assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+    # Clipping by value happens in our optimizer hook: DeepSpeed's (norm) clipping is off.
+    cfg.train.grad_clip_mode = "value"
+    assert deepspeed_config(cfg, 8, torch.bfloat16, universal=False)["gradient_clipping"] == 0
 
 
 def test_launcher_rejects_a_bad_config_before_any_work(tmp_path):

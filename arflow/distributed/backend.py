@@ -34,11 +34,20 @@ class StepResult:
     skipped: bool  # non-finite loss or gradient: no parameter or optimizer-state change
 
 
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """The precision to train in: "bf16", "tf32" or "fp32" ("auto": bf16 on CUDA, fp32 on CPU)."""
     precision = cfg.parallel.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return precision
+
+
+def set_matmul_precision(precision: str) -> None:
+    """fp32 matmuls and convolutions on TF32 tensor cores under "tf32" (the public release's
+    training) and "bf16" (the parts of a bf16 step left in fp32), exact under "fp32". Process-wide
+    PyTorch flags; they do nothing on CPU."""
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -83,7 +92,10 @@ class Backend(ABC):
     def __init__(self, module: nn.Module, cfg: Config, info: DistInfo):
         self.cfg = cfg
         self.info = info
-        self.dtype = compute_dtype(cfg, info.device)
+        self.precision = resolve_precision(cfg, info.device)
+        # Compute dtype: bf16 activations (fp32 master weights), or fp32 for "tf32" and "fp32".
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        set_matmul_precision(self.precision)
 
     # -------------------------------------------------------------------------- training
     @abstractmethod

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.nn.utils import clip_grad_value_, clip_grads_with_norm_, get_total_norm
 
 from arflow.config import Config
 from arflow.distributed.backend import (
@@ -70,8 +70,11 @@ class NativeBackend(Backend):
         grad_norm = norm.item()
         finite = bool(torch.isfinite(torch.tensor([loss_mean, grad_norm])).all())
         if finite:
-            if self.cfg.train.grad_clip > 0:
-                clip_grads_with_norm_(params, self.cfg.train.grad_clip, norm)
+            clip, mode = self.cfg.train.grad_clip, self.cfg.train.grad_clip_mode
+            if clip > 0 and mode == "norm":
+                clip_grads_with_norm_(params, clip, norm)
+            elif clip > 0:
+                clip_grad_value_(params, clip)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()

@@ -37,6 +37,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 from torch import nn
+from torch.nn.utils import clip_grad_value_
 
 from arflow.config import Config
 from arflow.distributed.backend import (
@@ -56,16 +57,27 @@ TAG = "zero"
 UNIVERSAL_TAG = "zero_universal"
 
 
-class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose step can be vetoed. DeepSpeed detects non-finite gradients only in fp16
-    mode; under bf16/fp32 it would apply the step, so the backend decides (the same way on
-    every rank) and ZeRO's call to `step` becomes a no-op for that step."""
+class ZeroAdamW(torch.optim.AdamW):
+    """AdamW as ZeRO calls it: on this rank's partition of the fp32 master weights, whose
+    `.grad` holds the partition of the reduced (averaged) gradient (ZeRO-1/2: the flat fp32
+    partition of each group; ZeRO-3: each sub-group's flat partition), after DeepSpeed's own
+    norm clipping. Two additions:
+
+    - `skip` vetoes the step. DeepSpeed detects non-finite gradients only in fp16 mode; under
+      bf16/fp32 it would apply the step, so the backend decides (the same way on every rank).
+    - `clip_value` > 0 clamps those gradients to [-clip_value, clip_value] first. DeepSpeed
+      clips only by norm; clipping by value is element-wise, so clamping each rank's partition
+      of the reduced gradient equals clamping the full gradient.
+    """
 
     skip = False
+    clip_value = 0.0
 
     def step(self, closure=None):
         if self.skip:
             return None
+        if self.clip_value > 0:
+            clip_grad_value_([p for g in self.param_groups for p in g["params"]], self.clip_value)
         return super().step(closure)
 
 
@@ -76,14 +88,15 @@ def deepspeed_config(cfg: Config, world_size: int, dtype: torch.dtype, universal
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accumulation(world_size),
-        "gradient_clipping": t.grad_clip,
+        # DeepSpeed clips by norm only; value clipping happens in ZeroAdamW.
+        "gradient_clipping": t.grad_clip if t.grad_clip_mode == "norm" else 0.0,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             "contiguous_gradients": True,
             "overlap_comm": torch.cuda.is_available(),
         },
-        # Our AdamW subclass (see SkippableAdamW) is not on DeepSpeed's list of tested ones.
+        # Our AdamW subclass (see ZeroAdamW) is not on DeepSpeed's list of tested ones.
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": universal},
         "steps_per_print": 2**31 - 1,  # we log ourselves
@@ -105,8 +118,10 @@ class DeepSpeedBackend(Backend):
             # The module holds bf16 weights; inputs (images, noise levels) arrive in fp32.
             module.register_forward_pre_hook(self._cast_inputs)
         self.optimizer = make_optimizer(
-            param_groups(module, cfg.optim.weight_decay), cfg, SkippableAdamW
+            param_groups(module, cfg.optim.weight_decay), cfg, ZeroAdamW
         )
+        if cfg.train.grad_clip_mode == "value":
+            self.optimizer.clip_value = cfg.train.grad_clip
         self.hparams = [  # the lr is set at every step
             {k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")}
             for g in self.optimizer.param_groups
