@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -332,6 +333,12 @@ class Config:
         _check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
         d = self.data
         _check(
+            d.url == "synthetic" or d.num_workers <= t.micro_batch_size,
+            "data.num_workers",
+            f"{d.num_workers} loader workers, but each contributes whole sequences to every "
+            f"micro-batch of train.micro_batch_size = {t.micro_batch_size}; use at most that many",
+        )
+        _check(
             d.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {d.prefetch_factor}"
         )
         _check(
@@ -347,7 +354,8 @@ class Config:
             )
         _check(d.storage_attempts >= 1, "data.storage_attempts", "must be >= 1")
         o = self.optim
-        _check(o.lr > 0, "optim.lr", "must be > 0")
+        _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+        _check(o.eps > 0, "optim.eps", f"must be > 0 (it guards a division), got {o.eps}")
         _check(
             len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
             "optim.betas",
@@ -363,6 +371,12 @@ class Config:
             "parallel.zero_stage",
             f"must be 1, 2 or 3, got {p.zero_stage}",
         )
+        _check(
+            p.collective_timeout_s > 0,
+            "parallel.collective_timeout_s",
+            f"must be > 0, got {p.collective_timeout_s}",
+        )
+        _check(self.run.seed >= 0, "run.seed", f"must be >= 0, got {self.run.seed}")
         c = self.checkpoint
         _check(c.every >= 0, "checkpoint.every", "must be >= 0")
         _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -439,6 +453,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # JSON (and --set) accept Infinity and NaN
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -120,6 +120,30 @@ def test_deepspeed_json_is_generated_from_ours():
     assert deepspeed_config(cfg, 8, torch.bfloat16, universal=False)["gradient_clipping"] == 0
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lr=Infinity"], "optim.lr: must be a finite number, got inf"),
+        (["train.grad_clip=Infinity"], "train.grad_clip: must be a finite number"),
+        (["ema.decay=NaN"], "ema.decay: must be a finite number"),
+        (["optim.eps=NaN"], "optim.eps: must be a finite number"),
+        (["optim.betas=[0.9, -Infinity]"], "optim.betas[1]: must be a finite number"),
+        (["optim.eps=0"], "optim.eps: must be > 0"),
+        (["run.seed=-1"], "run.seed: must be >= 0"),
+        (["parallel.collective_timeout_s=0"], "parallel.collective_timeout_s: must be > 0"),
+        (
+            ["data.url=data/x", "data.num_workers=8", "train.micro_batch_size=4"],
+            "data.num_workers: 8 loader workers",
+        ),
+    ],
+)
+def test_numbers_out_of_range_name_the_key(overrides, message):
+    """Infinity / NaN (which JSON and --set accept) and out-of-range numbers fail at load time,
+    before anything is built, not steps later."""
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        config_from_dict(apply_overrides({}, overrides)).validate(1)
+
+
 def test_launcher_rejects_a_bad_config_before_any_work(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"train": {"global_batch_size": 10, "micro_batch_size": 4}}))
