@@ -151,6 +151,23 @@ def test_meta_records_size_and_checksum_of_every_file(tmp_path, info):
     manager.close()
 
 
+def test_recorder_hashes_large_writes_concurrently_and_correctly(tmp_path):
+    import hashlib
+
+    from arflow.utils.integrity import PARALLEL, FileRecorder
+
+    chunks = [os.urandom(3 * PARALLEL), os.urandom(100), os.urandom(PARALLEL + 7)]
+    recorder = FileRecorder(str(tmp_path))
+    with recorder.open("big/file.bin") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    data = b"".join(chunks)
+    assert (tmp_path / "big" / "file.bin").read_bytes() == data
+    assert recorder.records == {
+        "big/file.bin": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    }
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_checkpoint_is_named_and_auto_falls_back(tmp_path, info, damage, capsys):
     manager = opened(tmp_path, info, keep_last=5)

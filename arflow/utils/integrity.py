@@ -12,15 +12,23 @@ Write errors (disk full, permissions, file too large) are re-raised as OSError n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 CHUNK = 8 << 20
+PARALLEL = 1 << 20  # writes at least this large are hashed concurrently with the write
 # A directory whose MANIFEST lists its files under "files" ({relpath: {"size", "sha256"}}), as
 # the trainer's checkpoint step directories do.
 MANIFEST = "meta.json"
+
+
+@functools.cache
+def _hasher() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 
 
 class HashingWriter:
@@ -40,11 +48,19 @@ class HashingWriter:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
+        # Large buffers are hashed on another thread while this one writes them (both release
+        # the GIL), so a save costs max(write, hash) rather than their sum; the buffer is only
+        # ours until write returns, so the hash is waited for before returning.
+        pending = _hasher().submit(self._hash.update, view) if len(view) >= PARALLEL else None
         try:
             written = self._file.write(view)
         except OSError as err:
             raise _named(err, self.path) from None
-        self._hash.update(view)
+        finally:
+            if pending is not None:
+                pending.result()
+        if pending is None:
+            self._hash.update(view)
         self.size += len(view)
         return written
 
