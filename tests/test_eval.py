@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from arflow.eval import FeatureStats, check_eval_files, evaluate, rank_range, sa
 from arflow.eval.cli import PROTOCOLS, evaluate_main
 from arflow.eval.inception import InceptionFeatures, cached_weights_path
 from arflow.eval.sample_set import ImageGenerator
-from arflow.models import ARFlow
+from arflow.models import ARFlow, architecture_of, save_pretrained
 from arflow.models.vae import load_vae
 from arflow.utils.images import save_grid
 
@@ -37,21 +38,8 @@ def inception_weights(tmp_path_factory):
 
 
 def tiny_model() -> ARFlow:
-    """The shared random tiny model as a 10-class pixel model of 4x4 patches (its config section
-    is TINY_MODEL_SECTION)."""
+    """The shared random tiny model as a 10-class pixel model of 4x4 patches."""
     return shared_tiny_model(seed=0, patch_size=4, num_classes=10)
-
-
-# tiny_model() as a config's model section.
-TINY_MODEL_SECTION = {
-    "name": "ARFlow-S/4",
-    "depth": 2,
-    "hidden_size": 32,
-    "num_heads": 2,
-    "input_size": 8,
-    "in_channels": 3,
-    "num_classes": 10,
-}
 
 
 def write_reference(tmp: Path) -> None:
@@ -252,10 +240,16 @@ def single_process_env(monkeypatch):
         monkeypatch.setenv(key, value)
 
 
-def test_launcher_evaluates_a_state_dict(tmp_path, inception_weights, single_process_env, capsys):
-    save_file(tiny_model().state_dict(), tmp_path / "ema.safetensors")
+def save_tiny(path: Path) -> Path:
+    """tiny_model() as a self-describing weight file (the trainer's and convert_ckpt's format)."""
+    model = tiny_model()
+    return save_pretrained(model.state_dict(), path, architecture_of(model))
+
+
+def test_launcher_evaluates_a_weight_file_or_run_dir(
+    tmp_path, inception_weights, single_process_env, capsys
+):
     config = {
-        "model": TINY_MODEL_SECTION,
         "eval": {
             "num_samples": 3,
             "batch_size": 2,
@@ -264,9 +258,9 @@ def test_launcher_evaluates_a_state_dict(tmp_path, inception_weights, single_pro
         },
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    argv = [
-        "--ckpt",
-        str(tmp_path / "ema.safetensors"),
+    save_file(tiny_model().state_dict(), tmp_path / "plain.safetensors")
+    save_tiny(tmp_path / "run" / "ema.safetensors")
+    common = [
         "--config",
         str(tmp_path / "config.json"),
         "--inception-weights",
@@ -274,22 +268,20 @@ def test_launcher_evaluates_a_state_dict(tmp_path, inception_weights, single_pro
         "--device",
         "cpu",
         "--no-progress",
+        "--set",
+        "eval.seed=3",
     ]
-    with pytest.raises(ValueError, match="does not fit model ARFlow-S/4"):
-        evaluate_main([*argv, "--set", "model.num_classes=11"])
-    evaluate_main([*argv, "--set", "eval.seed=3", "--out", str(tmp_path / "result.json")])
+    with pytest.raises(ValueError, match="convert it with tools/convert_ckpt.py"):
+        evaluate_main(["--ckpt", str(tmp_path / "plain.safetensors"), *common])
+    out = tmp_path / "result.json"
+    evaluate_main(["--ckpt", str(tmp_path / "run" / "ema.safetensors"), *common, "--out", str(out)])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed == json.loads((tmp_path / "result.json").read_text())
+    assert printed == json.loads(out.read_text())
     assert (
         printed["num_samples"] == 3 and printed["fid"] is None and printed["inception_score"] >= 1
     )
-    # An exported file carries its architecture: the config's model section is not needed.
-    from arflow.models import architecture_of, save_pretrained
-
-    model = tiny_model()
-    save_pretrained(model.state_dict(), tmp_path / "exported.safetensors", architecture_of(model))
-    argv[1] = str(tmp_path / "exported.safetensors")
-    evaluate_main([*argv, "--set", "model.num_classes=11", "--set", "eval.seed=3"])
+    # A run directory stands for its ema.safetensors; the architecture comes from the file.
+    evaluate_main(["--ckpt", str(tmp_path / "run"), *common])
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     timings = ("seconds", "feature_seconds")
     assert {k: v for k, v in again.items() if k not in timings} == {
@@ -362,8 +354,8 @@ def test_paper_protocol_preset(tmp_path, inception_weights, single_process_env, 
         == 1
     )
 
-    save_file(tiny_model().state_dict(), tmp_path / "ema.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"model": TINY_MODEL_SECTION}))
+    save_tiny(tmp_path / "ema.safetensors")
+    (tmp_path / "config.json").write_text("{}")
     argv = [
         "--ckpt",
         str(tmp_path / "ema.safetensors"),
@@ -497,3 +489,77 @@ def test_sample_cli_rejects_bad_arguments_by_name(tmp_path, capsys, args, messag
         sample_cli().main(["--ckpt", str(tmp_path / "w.safetensors"), "--out", "g.png", *args])
     assert exit_info.value.code == 2  # an argument error, before any file is read
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sample_cli_reads_the_trainers_own_weights(tmp_path, single_process_env, capsys):
+    """launchers/sample.py takes what a training run leaves: its ema.safetensors, the run
+    directory, a checkpoint step directory or the checkpoint root (it used to refuse the first
+    and call a directory missing)."""
+    from PIL import Image
+    from test_distributed import tiny_config
+
+    from arflow.train import run
+
+    run(load_config(tiny_config(tmp_path, "ddp", train={"steps": 2})))
+    run_dir = tmp_path / "run"
+    step_dir = run_dir / "checkpoints" / "step_000000002"
+    cli = sample_cli()
+    for ckpt in (run_dir / "ema.safetensors", run_dir, step_dir, run_dir / "checkpoints"):
+        out = tmp_path / f"grid_{ckpt.name}.png"
+        args = ["--classes", "0,1,3", "--steps", "3", "--cols", "3", "--device", "cpu"]
+        assert cli.main(["--ckpt", str(ckpt), "--out", str(out), *args]) == 0
+        with Image.open(out) as png:
+            assert png.size == (3 * 64 + 2 * 2, 64)  # 8 px enlarged to 64, 2 px gaps
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        cli.main(["--ckpt", str(tmp_path / "nope"), "--out", str(out), *args])
+
+
+@pytest.mark.slow
+def test_evaluate_launcher_under_torchrun_matches_one_process(tmp_path, inception_weights):
+    """launchers/evaluate.py under torchrun with 2 ranks (each watching for the other's failure)
+    writes the same .npz and prints the same scores as one plain process."""
+    from test_distributed import env
+
+    save_tiny(tmp_path / "run" / "ema.safetensors")
+    config = {"eval": {"num_samples": 4, "batch_size": 2, "is_splits": 1, "seed": 5}}
+    config["eval"]["sampler"] = {"method": "euler", "steps": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    launchers = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+        "python": [sys.executable],
+    }
+    results = {}
+    for name, head in launchers.items():
+        if name == "torchrun":
+            head = [*head, "--master_port", str(free_port())]
+        argv = [
+            *head,
+            str(ROOT / "launchers" / "evaluate.py"),
+            "--ckpt",
+            str(tmp_path / "run"),
+            "--config",
+            str(tmp_path / "config.json"),
+            "--inception-weights",
+            inception_weights,
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(tmp_path / f"{name}.json"),
+            "--save-npz",
+            str(tmp_path / f"{name}.npz"),
+        ]
+        proc = subprocess.run(
+            argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    timings = ("seconds", "feature_seconds")
+    two, one = ({k: v for k, v in r.items() if k not in timings} for r in results.values())
+    assert two.keys() == one.keys() and two["num_samples"] == 4 and two["fid"] is one["fid"] is None
+    for key in ("inception_score", "inception_score_std"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    with np.load(tmp_path / "torchrun.npz") as a, np.load(tmp_path / "python.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])

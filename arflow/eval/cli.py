@@ -7,12 +7,16 @@ WORLD_SIZE / LOCAL_RANK, and the work is split over the ranks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 
+import torch.distributed as dist
+
 from ..config import apply_overrides, config_from_dict, load_config
-from ..distributed.env import init_distributed, shutdown
-from .checkpoint import load_model
+from ..distributed.env import DistInfo, init_distributed, shutdown
+from ..distributed.failure import FailureWatch
+from ..models import load_pretrained
 from .evaluate import evaluate
 from .image_sets import image_set_stats, source_kind, stats_of
 from .inception import InceptionFeatures
@@ -37,6 +41,24 @@ PROTOCOLS = {
 PROTOCOLS["paper-cfg"] = [*PROTOCOLS["paper"], "eval.sampler.cfg_scale=1.5"]
 
 
+@contextlib.contextmanager
+def _process_group(device: str, timeout_s: float = 1800):
+    """Join the job's process group for one command and leave it; with several ranks, a rank
+    that fails stops the others within seconds instead of leaving them in a collective."""
+    info: DistInfo = init_distributed(device, timeout_s)
+    failure = FailureWatch(info).start() if info.world_size > 1 else None
+    try:
+        yield info
+    except BaseException as error:
+        if failure is not None:
+            failure.report(error)
+        dist.destroy_process_group()  # no barrier: the other ranks are stopping or gone
+        raise
+    if failure is not None:
+        failure.stop()
+    shutdown()
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inception-weights",
@@ -55,10 +77,10 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--ckpt",
         required=True,
-        help="trainer checkpoint directory (EMA weights), exported .safetensors, or a plain "
-        "state dict (.safetensors/.pt)",
+        help="weights (arflow.models.load_pretrained): a .safetensors written by the trainer or "
+        "tools/convert_ckpt.py, a run or checkpoint step directory, or a checkpoint root",
     )
-    parser.add_argument("--config", help="run config JSON (its model and eval sections)")
+    parser.add_argument("--config", help="run config JSON (its eval section)")
     parser.add_argument(
         "--protocol",
         choices=sorted(PROTOCOLS),
@@ -86,9 +108,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     eval_cfg = cfg.eval
     if args.inception_weights:
         eval_cfg = dataclasses.replace(eval_cfg, inception_weights=args.inception_weights)
-    info = init_distributed(args.device if args.device != "auto" else cfg.parallel.device)
-    try:
-        model = load_model(args.ckpt, cfg.model, info.device)
+    device = args.device if args.device != "auto" else cfg.parallel.device
+    with _process_group(device, cfg.parallel.collective_timeout_s) as info:
+        model = load_pretrained(args.ckpt, info.device).requires_grad_(False)
         result = evaluate(
             model,
             eval_cfg,
@@ -102,9 +124,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
             if args.out:
                 with open(args.out, "w") as f:
                     f.write(text + "\n")
-        return result
-    finally:
-        shutdown()
+    return result
 
 
 def fid_main(argv: list[str] | None = None) -> None:
@@ -126,16 +146,13 @@ def fid_main(argv: list[str] | None = None) -> None:
     if args.command == "stats":
         _stats_command(args, resolution=None)
         return
-    info = init_distributed(args.device)
-    try:
+    with _process_group(args.device) as info:
         kwargs = dict(
             batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress
         )
         a, b = stats_of([args.a, args.b], args.inception_weights, info.device, **kwargs)
         if info.is_main:
             print(json.dumps({"fid": frechet_distance(*a, *b)}))
-    finally:
-        shutdown()
 
 
 def fid_reference_main(argv: list[str] | None = None) -> None:
@@ -170,8 +187,7 @@ def _check_sources(parser: argparse.ArgumentParser, sources: list[str]) -> None:
 
 
 def _stats_command(args: argparse.Namespace, resolution: int | None) -> None:
-    info = init_distributed(args.device)
-    try:
+    with _process_group(args.device) as info:
         inception = InceptionFeatures(args.inception_weights, info.device)
         stats = image_set_stats(
             args.src,
@@ -184,5 +200,3 @@ def _stats_command(args: argparse.Namespace, resolution: int | None) -> None:
         if info.is_main:
             stats.save(args.out)
             print(json.dumps({"out": args.out, "num_samples": int(stats.count.item())}))
-    finally:
-        shutdown()

@@ -12,6 +12,7 @@ images: it judges samples against the distribution the model was trained on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from arflow.config import SamplerConfig, load_config
+from arflow.config import load_config
 from arflow.flow.samplers import sample
-from arflow.models import ARFlow
+from arflow.models import load_pretrained
 from arflow.utils.images import grid_pixels, save_grid
 
 
@@ -61,18 +61,21 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--samples", type=int, default=1000, help="samples for the class-consistency"
     )
-    parser.add_argument("--method", default="euler", choices=["sde", "euler", "heun"])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--method", choices=["sde", "euler", "heun"], help="default: the config's samples.sampler"
+    )
+    parser.add_argument("--steps", type=int, help="default: the config's samples.sampler")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
     run_dir = Path(cfg.run.dir)
 
-    model = ARFlow(**cfg.model.architecture())
-    model.load_state_dict(load_file(run_dir / "ema.safetensors"))
-    model.eval()
-    classes = cfg.model.num_classes
+    model = load_pretrained(run_dir)  # the run's ema.safetensors
+    classes = model.num_classes
     labels = torch.arange(args.samples) % classes
-    sampler = SamplerConfig(method=args.method, steps=args.steps)
+    chosen = {"method": args.method, "steps": args.steps}
+    sampler = dataclasses.replace(
+        cfg.samples.sampler, **{k: v for k, v in chosen.items() if v is not None}
+    )
     t0 = time.perf_counter()
     images = sample(model, labels, list(range(args.samples)), sampler)  # 8x8 images: one batch
     seconds = time.perf_counter() - t0
@@ -89,7 +92,7 @@ def main(argv=None) -> dict:
         "class_consistency": consistency,
         "classifier_heldout_accuracy": accuracy,
         "samples": args.samples,
-        "sampler": f"{args.method} {args.steps} steps",
+        "sampler": f"{sampler.method} {sampler.steps} steps",
         "sampling_seconds": round(seconds, 1),
         "grid": str(grid),
     }
