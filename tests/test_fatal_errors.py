@@ -8,7 +8,6 @@ non-finite loss; a rank that fails while the other waits in a collective; SIGTER
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -18,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from test_distributed import ROOT, command, env, losses, tiny_config
 
@@ -60,41 +60,71 @@ def data_config(tmp: Path, backend: str, data: Path, workers: int, **sections) -
 def run_to_failure(cmd: list[str], run_dir: Path, fault=None) -> tuple[int, str, float]:
     """Start the job; with `fault`, apply it once step 1 is logged. Returns the job's exit status,
     its output and the seconds from the fault (else the start) until every process of the job
-    (launcher, ranks, loader workers) is gone."""
+    (launcher, ranks, loader workers) is gone -- orphans included: torchrun starts its ranks in
+    sessions of their own, so they are tracked by pid while the job runs."""
     log = run_dir.parent / "output.txt"
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
+    job = Job(proc)
     start = time.monotonic()
     try:
         if fault is not None:
             while not (run_dir / "metrics.jsonl").exists() or not losses(run_dir):
                 assert proc.poll() is None, f"ended before step 1:\n{log.read_text()[-4000:]}"
                 assert time.monotonic() - start < 300, "no training step within 300 s"
+                job.track()
                 time.sleep(0.05)
+            job.track()
             fault()
             start = time.monotonic()
-        try:
-            status = proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {DEADLINE} s after the fault:\n{log.read_text()[-4000:]}")
-        while _group_alive(proc.pid):  # orphaned ranks or workers
-            assert time.monotonic() - start < DEADLINE, "processes of the job outlived it"
+        while job.alive():
+            if time.monotonic() - start > DEADLINE:
+                pytest.fail(
+                    f"{job.alive()} still running {DEADLINE} s after the fault:\n"
+                    f"{log.read_text()[-4000:]}"
+                )
+            job.track()
             time.sleep(0.05)
-        return status, log.read_text(), time.monotonic() - start
+        seconds = time.monotonic() - start
+        return proc.wait(), log.read_text(), seconds
     finally:
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        job.kill()
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+class Job:
+    """The launcher and every process it started, followed by pid (and start time, which
+    psutil checks, so a reused pid is not mistaken for one of them)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.processes = {proc.pid: psutil.Process(proc.pid)}
+
+    def track(self) -> None:
+        try:
+            for child in self.processes[self.proc.pid].children(recursive=True):
+                self.processes.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+
+    def alive(self) -> list[str]:
+        self.proc.poll()  # reap the launcher
+        running = []
+        for p in self.processes.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    running.append(f"pid {p.pid} ({' '.join(p.cmdline()[-3:])})")
+            except psutil.NoSuchProcess:
+                pass
+        return running
+
+    def kill(self) -> None:
+        for p in self.processes.values():
+            try:
+                if p.is_running():
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
 
 
 FAULTS = {"corrupt": corrupt_all, "delete": delete_all}

@@ -69,13 +69,17 @@ class FailureWatch:
         _say(f"arflow: {reason}")
         try:
             first = self._writer.compare_set(self._key("reason"), "", reason).decode()
-            others = [self._key(f"wake/{r}") for r in range(self.world_size) if r != self.rank]
-            if others:
-                self._writer.multi_set(others, ["failed"] * len(others))
+            # Every rank's key, this one's too: its own thread returns now (done), rather than
+            # sit in the store's C++ wait until the interpreter's exit, where a daemon thread
+            # that wakes up (the store's host gone) is torn down by an abort.
+            keys = [self._key(f"wake/{r}") for r in range(self.world_size)]
+            self._writer.multi_set(keys, ["failed"] * len(keys))
         except dist.DistError:
-            return  # the store is gone with its host; the others lose it too and stop
-        if first != reason:
-            _say(f"arflow: rank {self.rank}: the job had already failed: {first}")
+            pass  # the store is gone with its host; the others lose it too and stop
+        else:
+            if first != reason:
+                _say(f"arflow: rank {self.rank}: the job had already failed: {first}")
+        self._thread.join(timeout=5)
 
     def stop(self) -> None:
         """A normal end: leave without stopping anyone."""
