@@ -563,3 +563,65 @@ def test_evaluate_launcher_under_torchrun_matches_one_process(tmp_path, inceptio
     with np.load(tmp_path / "torchrun.npz") as a, np.load(tmp_path / "python.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+BLOCK_EVAL_EXTRAS = """
+import sys
+# The `eval` and `vae` extras absent: importing any of them raises ImportError.
+for name in ("torch_fidelity", "scipy", "diffusers"):
+    sys.modules[name] = None
+"""
+
+
+@pytest.mark.slow
+def test_training_and_sampling_need_no_evaluation_extras(tmp_path):
+    """With only the `train` extra (no torch-fidelity, scipy or diffusers), a run trains,
+    writes its EMA grid and weights, and launchers/sample.py samples them."""
+    from test_distributed import env, tiny_config
+
+    cfg = tiny_config(tmp_path, "ddp", train={"steps": 2})
+    script = (
+        BLOCK_EVAL_EXTRAS
+        + f"""
+from arflow.config import load_config
+from arflow.train import run
+assert run(load_config({str(cfg)!r})) == "done"
+import runpy
+sys.argv = ["sample.py", "--ckpt", {str(tmp_path / "run")!r}, "--classes", "0,1",
+            "--steps", "2", "--out", {str(tmp_path / "grid.png")!r}, "--device", "cpu"]
+runpy.run_path({str(ROOT / "launchers" / "sample.py")!r}, run_name="__main__")
+"""
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "samples" / "ema_step_000000002.png").exists()
+    assert (tmp_path / "grid.png").exists()
+    # ...and asking for FID without the extra fails at start, naming it.
+    with_eval = json.loads(cfg.read_text())
+    with_eval["eval"] = {"every": 1000, "num_samples": 2, "is_splits": 1}
+    with_eval["run"]["dir"] = str(tmp_path / "run_with_eval")
+    cfg.write_text(json.dumps(with_eval))
+    script = (
+        BLOCK_EVAL_EXTRAS
+        + f"""
+from arflow.config import load_config
+from arflow.train import run
+run(load_config({str(cfg)!r}))
+"""
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "pip install 'arflow[eval]'" in proc.stderr
