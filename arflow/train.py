@@ -248,29 +248,15 @@ class Trainer:
     def evaluate(self) -> None:
         """EMA sample grid (rank 0 samples) and, when due, FID / IS (all ranks). The gathered EMA
         model and the VAE's device copy exist for this call only."""
-        from arflow.flow.samplers import sample
-
-        model = self.ema_model()
-        vae = self.vae.to(self.info.device) if self.vae is not None else None
+        fid_due = self._due(self.cfg.eval.every)
+        model = self.ema_model()  # collective: every rank takes part in the gather
+        if not (self.info.is_main or fid_due):
+            model = None  # the grid is rank 0's: the other ranks drop their copy while it samples
+        vae = self.vae.to(self.info.device) if self.vae is not None and model is not None else None
         try:
-            s = self.cfg.samples
             if self.info.is_main:
-                labels = torch.tensor([c for c in s.classes for _ in range(s.per_class)])
-                images = sample(model, labels, list(range(len(labels))), s.sampler)
-                if vae is not None and images.shape[1] == vae.latent_channels:
-                    images = vae.decode(images)
-                grid_dir = self.run_dir / "samples"
-                grid_dir.mkdir(parents=True, exist_ok=True)
-                path = grid_dir / f"ema_step_{self.step:09d}.png"
-                save_grid(grid_pixels(images), path, cols=s.per_class)
-                self.logger.log_image(
-                    self.step,
-                    "ema_samples",
-                    path,
-                    f"EMA, step {self.step}, rows = classes {s.classes}",
-                )
-                self.logger.message(f"step {self.step}: EMA sample grid {path}")
-            if self._due(self.cfg.eval.every):
+                self._write_grid(model, vae)
+            if fid_due:
                 from arflow.eval import evaluate
 
                 result = evaluate(
@@ -288,6 +274,22 @@ class Trainer:
             if vae is not None:
                 vae.to("cpu")
         dist.barrier()
+
+    def _write_grid(self, model: ARFlow, vae) -> None:
+        """`samples.per_class` EMA samples of each of `samples.classes`, one row per class, to
+        <run.dir>/samples/ema_step_<step>.png and the logger (decoded by the VAE if latent)."""
+        from arflow.flow.samplers import sample
+
+        s = self.cfg.samples
+        labels = torch.tensor([c for c in s.classes for _ in range(s.per_class)])
+        images = sample(model, labels, list(range(len(labels))), s.sampler)
+        if vae is not None and images.shape[1] == vae.latent_channels:
+            images = vae.decode(images)
+        path = self.run_dir / "samples" / f"ema_step_{self.step:09d}.png"
+        save_grid(grid_pixels(images), path, cols=s.per_class)
+        caption = f"EMA, step {self.step}, rows = classes {s.classes}"
+        self.logger.log_image(self.step, "ema_samples", path, caption)
+        self.logger.message(f"step {self.step}: EMA sample grid {path}")
 
     def export(self) -> None:
         """Rank 0 writes the full fp32 weights, `model.safetensors` (master) and
