@@ -58,10 +58,19 @@ def test_forward_compiles_as_one_graph(attention):
     model = tiny_model(attention=attention).train()
     x, t, y = sequence(images=3)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    torch.manual_seed(0)  # label dropout draws from the global generator
-    out = compiled(x, t, y)
-    torch.manual_seed(0)
-    torch.testing.assert_close(out, model(x, t, y))
+    outputs, grads = [], []
+    # Compiled, the attention's norms run as plain formulas; eager, as fused autograd
+    # Functions (models/head_norms.py): both must give the same outputs and gradients.
+    for run in (compiled, model):
+        torch.manual_seed(0)  # label dropout draws from the global generator
+        out = run(x, t, y)
+        model.zero_grad()
+        out.square().mean().backward()
+        outputs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for compiled_grad, eager_grad in zip(*grads):
+        assert_rel_close(compiled_grad, eager_grad, 1e-5)
 
 
 def test_step_checks_labels_when_a_sequence_starts():

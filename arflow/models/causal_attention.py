@@ -95,16 +95,18 @@ class CausalSoftmaxAttention(SequenceAttention):
             check_cache(state, B, self.num_heads, self.head_dim)
         if form == "naive":
             return self.naive(h, state)
-        q, k, v = (t.flatten(1, 2).transpose(1, 2) for t in self.project_qkv(h))  # (B, H, SN, d)
+        qkv = self.project_qkv(h, memory_order=(0, 2, 1, 3, 4))
+        # (B, H, S N, d): all images of a head together (a view, not a copy, in eager mode).
+        q, k, v = (t.transpose(1, 2).reshape(B, self.num_heads, S * N, -1) for t in qkv)
         prefix = 0
         if state is not None:
             prefix = state.k.shape[2]
             k = torch.cat([state.k.to(k.dtype), k], dim=2)
             v = torch.cat([state.v.to(v.dtype), v], dim=2)
         mask = block_causal_mask(S, N, prefix, h.device)
-        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, SN, d)
-        mixed = mixed.transpose(1, 2).unflatten(1, (S, N))  # (B, S, N, H, d)
-        return self.gated_output(mixed, h), KVCache(k, v)
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S N, d)
+        mixed = mixed.unflatten(2, (S, N)).transpose(1, 2)  # (B, S, H, N, d)
+        return self.gated_output(h, mixed), KVCache(k, v)
 
     def naive(self, h: torch.Tensor, state: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         """Reference: for each image and head, one softmax over the keys of that image and all

@@ -148,18 +148,17 @@ class HybridAttention(SequenceAttention):
         check_state(state, B, self.num_heads, self.head_dim)
         if form == "naive":
             return self.naive(h, c, state)
-        # Head-major views (B, S, H, N, d): the layout of the attention kernels.
-        q, k, v = (t.transpose(2, 3) for t in self.project_qkv(h))
+        # (B, S, H, N, d) head-major: the layout the attention kernels and the d x d products
+        # read without copies.
+        q, k, v = self.project_qkv(h)
         gamma = self.decay_logits(h, c)
-        intra = intra_image_attention(q, k, v).float()
+        intra = intra_image_attention(q, k, v)
         if form == "parallel":
             inter, state = inter_image_parallel(q, k, v, gamma, state)
         else:
             inter, state = inter_image_step(q[:, 0], k[:, 0], v[:, 0], gamma[:, 0], state)
             inter = inter[:, None]
-        # Token-major before the output norm: the attention kernels lay their output out that
-        # way, so the transpose is usually free and the heads flatten without a copy.
-        return self.gated_output((intra + inter).transpose(2, 3), h), state
+        return self.gated_output(h, intra, inter), state
 
     def decay_logits(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """h: (B, S, N, D), c: (B, S, D) -> gamma = logsigmoid((h + c) W_gt) / 16, (B, S, H, N)
