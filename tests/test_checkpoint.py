@@ -270,6 +270,7 @@ def test_run_dir_and_checkpoint_dir_are_both_locked(tmp_path, info):
     first.close()
 
 
+@pytest.mark.slow  # a moto S3 server
 def test_s3_lock_is_exclusive_goes_stale_and_detects_takeover(moto_s3, info, monkeypatch):
     url = f"s3://{moto_s3.bucket()}/run/ckpt"
     options = moto_s3.storage_options
@@ -298,6 +299,7 @@ def test_s3_lock_is_exclusive_goes_stale_and_detects_takeover(moto_s3, info, mon
 
 
 # -------------------------------------------------------------------- probe and buckets
+@pytest.mark.slow  # a moto S3 server
 def test_missing_bucket_is_an_error_and_never_created(moto_s3, info):
     url = "s3://no-such-bucket-arflow/ckpt"
     manager = CheckpointManager(url, info, 3, storage_options=moto_s3.storage_options)
@@ -328,6 +330,7 @@ def test_read_only_checkpoint_dir_fails_at_open_naming_it(tmp_path, info):
         root.chmod(0o700)
 
 
+@pytest.mark.slow  # a moto S3 server
 def test_s3_checkpoints_round_trip_with_checksums(moto_s3, info):
     url = f"s3://{moto_s3.bucket()}/ckpt"
     manager = opened(url, info, keep_last=2, storage_options=moto_s3.storage_options)
