@@ -219,6 +219,9 @@ def train(arm: Arm, seed: int, steps: int, batch: int, data: DigitSequences, cfg
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     ema = EMA(trainable, cfg.ema.decay)
     gen = torch.Generator().manual_seed(seed)  # sequences, noise levels and noise
+    # As the trainer does: each element clamped, or the global norm bounded.
+    by_value = cfg.train.grad_clip_mode == "value"
+    clip = nn.utils.clip_grad_value_ if by_value else nn.utils.clip_grad_norm_
     losses = []
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -228,7 +231,7 @@ def train(arm: Arm, seed: int, steps: int, batch: int, data: DigitSequences, cfg
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            clip(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         ema.update()
         losses.append(loss.detach())
@@ -366,6 +369,7 @@ def main(argv=None) -> dict:
             "sampler": f"{args.sampler}, {args.sampler_steps} steps",
             "lr": cfg.optim.lr,
             "schedule": f"{cfg.optim.schedule}, warm-up {cfg.optim.warmup_steps}",
+            "grad_clip": f"{cfg.train.grad_clip_mode} {cfg.train.grad_clip}",
             "ema_decay": cfg.ema.decay,
             "parallel_runs": args.jobs,
             "threads_per_run": 1,
