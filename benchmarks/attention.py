@@ -164,6 +164,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny shapes: every code path in seconds (the GPU suite's rehearsal on a CPU)",
+    )
+    parser.add_argument(
+        "--sampling-batch",
+        type=int,
+        help="batch of the sampling ratio's model calls (CFG doubles the samples' batch)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="also measure the block ratio with both blocks under torch.compile",
@@ -175,12 +185,17 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    if device == "cuda":  # ARFlow-XL/2 shapes in bf16
-        shapes = (1152, 16, 8, 5, 256, device, torch.bfloat16, args.repeats)
+    if args.tiny:
+        shapes = (64, 2, 2, 5, 16, device, torch.float32, args.repeats)
+        sampling = ("ARFlow-S/8", 16, 2, device, torch.float32)
+    elif device == "cuda":  # ARFlow-XL/2 shapes in bf16 (18 heads of 64)
+        shapes = (1152, 18, 8, 5, 256, device, torch.bfloat16, args.repeats)
         sampling = ("ARFlow-XL/2", 32, 8, device, torch.bfloat16)
     else:  # reduced width, fp32
         shapes = (384, 6, 4, 5, 256, device, torch.float32, args.repeats)
         sampling = ("ARFlow-S/2", 32, 2, device, torch.float32)
+    if args.sampling_batch:
+        sampling = (*sampling[:2], args.sampling_batch, *sampling[3:])
     report["block"] = block_ratio(*shapes)
     if args.compile:
         report["block_compiled"] = block_ratio(*shapes, compile=True)

@@ -1,21 +1,42 @@
 #!/usr/bin/env python
 """Training-step throughput; prints one JSON document.
 
-    python benchmarks/train_step.py            # every case this machine can run
-    python benchmarks/train_step.py --cases digits-1proc
+    python benchmarks/train_step.py                      # every case this machine can run
+    python benchmarks/train_step.py --cases xl2-zero2-compile --micro-batch 16
 
-Cases: the digits config on CPU with 1 and 2 processes (its own backend, synthetic data of its
-shape, so the figure is the step, not the data pipeline); on a GPU, ARFlow-B/2 and XL/2 on
-256 px latents (32x32x4, n = 5) in bf16 under DeepSpeed ZeRO-2 and FSDP2: images/s, step time,
-achieved TFLOP/s (counted by torch's FlopCounterMode on one micro-batch), MFU against the GPU's
-dense bf16 peak, and peak memory. Each case runs in its own process group (torchrun), with
-warm-up steps excluded and CUDA synchronised around the timed steps.
+Cases:
+- digits-1proc, digits-2proc: the digits config on CPU with 1 and 2 processes (its own backend);
+- {b2,xl2}-{zero2,fsdp2}-{compile,eager} (CUDA): ARFlow-B/2 and XL/2 on 256 px latents
+  (32x32x4, n = 5 images per sequence) in bf16 under DeepSpeed ZeRO-2 or FSDP2, with the
+  blocks compiled (parallel.compile) or eager; one process;
+- tiny-{zero2,fsdp2}-{compile,eager}: the same path with a two-block model on 8x8 inputs, for
+  rehearsing the GPU cases on a CPU (benchmarks/gpu_suite.sh --dry-run).
+Data is synthetic of the model's shape, so the figure is the step, not the data pipeline.
+
+Each case runs in its own process group (torchrun): `--warmup` untimed steps (the first one
+compiles; its time is reported as first_step_s), then `--steps` steps each timed with CUDA
+events (wall clock on CPU); the median gives images/s.
+
+FLOPs: the model FLOPs of one training image, 3 x forward (backward = 2 x forward), forward
+multiply-adds x 2, for depth L, width D, heads H (head size d = D / H), N tokens per image,
+n images per sequence, patch p, C input / C_out output channels:
+    per block, per token    13 D^2 + D H          (q, k, v, gate, out: 5 D^2; MLP 8 D^2; decay D H)
+    per block, per image    2 N^2 D               (softmax inside the image: q k^T and p v)
+                            + 2 N D d + n D d     (inter-image: k^T v, q H_s, the state scan)
+                            + 6 D^2 + D H         (adaLN from the conditioning, decay of c)
+    embeddings and head     N p^2 C D + N D p^2 C_out + 2 D^2 + 256 D + D^2
+Recomputation (activation checkpointing) is not counted, as MFU conventions have it. The
+same count is also taken by torch's FlopCounterMode on one sequence (`counted_flops_per_image`)
+as a check of the formula (on a CPU it misses SDPA's CPU kernel, ~5% of B/2's FLOPs). MFU = achieved model FLOP/s over the GPU's dense bf16 peak, looked up
+from the device name at run time (BF16_PEAK; H100 SXM / H200: 989 TFLOP/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -27,74 +48,118 @@ ROOT = Path(__file__).resolve().parents[1]
 BF16_PEAK = [
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),
 ]
 
+# model tag -> (config, --set items, default micro-batch in sequences, needs CUDA). Micro-batches
+# are sized for one 80 GB GPU: XL/2 at 16 sequences holds ~60 GB of bf16 activations.
+MODELS = {
+    "b2": ("configs/b_256.json", ["model.name=ARFlow-B/2"], 32, True),
+    "xl2": ("configs/xl_256.json", ["model.name=ARFlow-XL/2"], 16, True),
+    "tiny": (
+        "configs/xl_256.json",
+        [
+            "model.name=ARFlow-S/2",
+            "model.depth=2",
+            "model.hidden_size=64",
+            "model.num_heads=2",
+            "model.input_size=8",
+            "model.num_classes=10",
+            "samples.classes=[0]",
+        ],
+        2,
+        False,
+    ),
+}
+BACKENDS = {
+    "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
+    "fsdp2": ["parallel.backend=fsdp2"],
+}
 CASES = {
     "digits-1proc": dict(config="configs/digits_cpu.json", nproc=1, gpu=False, set=[]),
     "digits-2proc": dict(config="configs/digits_cpu.json", nproc=2, gpu=False, set=[]),
 }
-for model, tag in (("ARFlow-B/2", "b2"), ("ARFlow-XL/2", "xl2")):
-    for backend, extra in (("deepspeed", ["parallel.zero_stage=2"]), ("fsdp2", [])):
-        CASES[f"{tag}-256-{backend}{'-zero2' if backend == 'deepspeed' else ''}"] = dict(
-            config="configs/xl_256.json",
-            nproc=1,
-            gpu=True,
-            set=[
-                f"model.name={model}",
-                f"parallel.backend={backend}",
-                "parallel.precision=bf16",
-                "parallel.device=cuda",
-                "train.micro_batch_size=32",
-                "train.global_batch_size=32",
-                *extra,
-            ],
-        )
+for _tag, (_config, _model, _micro, _gpu) in MODELS.items():
+    for _backend, _extra in BACKENDS.items():
+        for _mode in ("compile", "eager"):
+            CASES[f"{_tag}-{_backend}-{_mode}"] = dict(
+                config=_config,
+                nproc=1,
+                gpu=_gpu,
+                micro_batch=_micro,
+                compile=_mode == "compile",
+                set=[
+                    *_model,
+                    *_extra,
+                    "parallel.precision=" + ("bf16" if _gpu else "auto"),
+                    "parallel.device=" + ("cuda" if _gpu else "auto"),
+                ],
+            )
 
 
-def worker(args) -> None:
-    """Runs inside the process group: time `--steps` steps after `--warmup` steps."""
+def has_compile_key() -> bool:
+    """Whether this tree's config schema has `parallel.compile`."""
+    from arflow.config import ParallelConfig
+
+    return "compile" in {f.name for f in dataclasses.fields(ParallelConfig)}
+
+
+def train_flops_per_image(arch: dict, seq_len: int) -> float:
+    """Model FLOPs of one image's training step (forward + backward); see the module docstring.
+    `arch`: ModelConfig.architecture()."""
+    D, L, H = arch["hidden_size"], arch["depth"], arch["num_heads"]
+    p, C = arch["patch_size"], arch["in_channels"]
+    C_out = 2 * C if arch["learn_sigma"] else C
+    N = (arch["input_size"] // p) ** 2
+    d = D // H
+    per_block = N * (13 * D * D + D * H) + 2 * N * N * D + 2 * N * D * d + seq_len * D * d
+    per_block += 6 * D * D + D * H
+    outer = N * p * p * C * D + N * D * p * p * C_out + 2 * D * D + 256 * D + D * D
+    forward_macs = L * per_block + outer
+    return 3 * 2 * forward_macs
+
+
+def counted_flops_per_image(model, cfg, device) -> float:
+    """torch's FlopCounterMode on one sequence, forward + backward, at the run's precision."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from arflow.flow.transport import training_loss
+
+    m, n = cfg.model, cfg.data.seq_len
+    x = torch.randn(1, n, m.in_channels, m.input_size, m.input_size, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    bf16 = cfg.parallel.precision == "bf16"
+    with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        training_loss(model, x, y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / n
+
+
+def worker(args) -> None:
+    """Runs inside the process group: `--warmup` untimed steps, then `--steps` timed ones."""
+    import torch
+
     from arflow.config import load_config
-    from arflow.distributed.backend import build_backend
     from arflow.distributed.env import init_distributed, shutdown
+    from arflow.distributed.parallelize import build_backend
     from arflow.flow.transport import training_loss
     from arflow.models import ARFlow
-    from arflow.utils.metrics import peak_memory_gb
     from arflow.utils.synthetic import SyntheticLoader
 
     cfg = load_config(args.config, args.set + ["data.url=synthetic", "logging.wandb=false"])
     info = init_distributed(cfg.parallel.device)
     cfg.validate(info.world_size)
+    cuda = info.device.type == "cuda"
     m = cfg.model
+    arch = m.architecture()
     torch.manual_seed(0)
-    model = ARFlow(**m.architecture())
-    flops = None
-    if info.is_main:  # FLOPs of one micro-batch, forward + backward, on the plain model
-        probe = ARFlow(**m.architecture()).to(info.device)
-        x = torch.randn(
-            cfg.train.micro_batch_size,
-            cfg.data.seq_len,
-            m.in_channels,
-            m.input_size,
-            m.input_size,
-            device=info.device,
-        )
-        y = torch.zeros(cfg.train.micro_batch_size, dtype=torch.long, device=info.device)
-        counter = FlopCounterMode(display=False)
-        with (
-            counter,
-            torch.autocast(
-                info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"
-            ),
-        ):
-            training_loss(probe, x, y).backward()
-        flops = counter.get_total_flops()
-        del probe
+    model = ARFlow(**arch)
+    counted = counted_flops_per_image(model.to(info.device), cfg, info.device)
     backend = build_backend(model, cfg, info)
     loader = iter(
         SyntheticLoader(
@@ -107,51 +172,81 @@ def worker(args) -> None:
     )
     accum = cfg.grad_accumulation(info.world_size)
 
-    def step():
+    def timed_step() -> float:
         batches = [tuple(t.to(info.device) for t in next(loader)) for _ in range(accum)]
+        if not cuda:
+            t0 = time.perf_counter()
+            backend.train_step(batches, training_loss, cfg.optim.lr)
+            return time.perf_counter() - t0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         backend.train_step(batches, training_loss, cfg.optim.lr)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
-    for _ in range(args.warmup):
-        step()
-    if info.device.type == "cuda":
+    t0 = time.perf_counter()
+    timed_step()  # compiles when parallel.compile is on
+    first_wall = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        timed_step()
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        if info.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    step_time = times[len(times) // 2]  # median
+    times = [timed_step() for _ in range(args.steps)]
+    step_time = statistics.median(times)
     if info.is_main:
         images = cfg.train.global_batch_size * cfg.data.seq_len
+        flops = train_flops_per_image(arch, cfg.data.seq_len)
         result = {
             "model": m.name
             if m.depth is None
             else f"{m.name} (depth {m.depth}, width {m.hidden_size})",
             "backend": cfg.parallel.backend
             + (f" ZeRO-{cfg.parallel.zero_stage}" if cfg.parallel.backend == "deepspeed" else ""),
+            "compile": getattr(cfg.parallel, "compile", None),
+            "precision": backend.precision,
             "processes": info.world_size,
-            "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "micro_batch_sequences": cfg.train.micro_batch_size,
             "global_batch_sequences": cfg.train.global_batch_size,
-            "images_per_s": images / step_time,
+            "images_per_step": images,
+            "steps_timed": len(times),
             "step_time_s": step_time,
-            "peak_memory_gb": peak_memory_gb(info.device),
+            "step_time_min_s": min(times),
+            "step_time_max_s": max(times),
+            "first_step_s": first_wall,
+            "images_per_s": images / step_time,
+            "flops_per_image": flops,
+            "counted_flops_per_image": counted,
+            "tflops_per_s": flops * images / step_time / 1e12,
         }
-        if info.device.type == "cuda":
-            achieved = flops * accum * info.world_size / step_time
+        if cuda:
             peak = next((p for k, p in BF16_PEAK if k in result["device"]), None)
-            result["tflops_per_s"] = achieved / 1e12
-            result["mfu"] = achieved / (peak * info.world_size) if peak else None
+            result["peak_tflops_per_gpu"] = peak / 1e12 if peak else None
+            result["mfu"] = flops * images / step_time / (peak * info.world_size) if peak else None
+            result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+        else:
+            from arflow.utils.metrics import peak_memory_gb
+
+            result["peak_rss_gb"] = peak_memory_gb(info.device)
         print("RESULT " + json.dumps(result), flush=True)
     shutdown()
 
 
-def launch(name: str, case: dict, steps: int, warmup: int) -> dict:
+def launch(case: dict, args) -> dict:
     from arflow.distributed.env import free_port
 
+    items = list(case["set"])
+    if "compile" in case:
+        if has_compile_key():
+            items.append(f"parallel.compile={'true' if case['compile'] else 'false'}")
+        elif case["compile"]:
+            return {"skipped": "parallel.compile is not a config key in this tree"}
+    micro = args.micro_batch or case.get("micro_batch")
+    if micro:
+        items += [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}"]
     cmd = [
         sys.executable,
         "-m",
@@ -165,40 +260,52 @@ def launch(name: str, case: dict, steps: int, warmup: int) -> dict:
         "--config",
         case["config"],
         "--steps",
-        str(steps),
+        str(args.steps),
         "--warmup",
-        str(warmup),
+        str(args.warmup),
     ]
-    for item in case["set"]:
+    for item in items:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+    # The worker's own traceback (torchrun prefixes it with [rankN]:), not the launcher's.
+    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]
+    return {"error": "\n".join(ranks)[-2000:] or (proc.stderr or proc.stdout)[-2000:]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="*", default=None, help=f"subset of {list(CASES)}")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
+    parser.add_argument(
+        "--micro-batch", type=int, help="sequences per step (default: the case's own)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step compiles)")
     if args.worker:
         return worker(args)
+    unknown = sorted(set(args.cases or []) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
     import torch
 
-    names = args.cases or [n for n, c in CASES.items() if not c["gpu"] or torch.cuda.is_available()]
+    default = [n for n, c in CASES.items() if n.startswith("digits") or c["gpu"]]
+    names = args.cases or [n for n in default if not CASES[n]["gpu"] or torch.cuda.is_available()]
     results = {}
     for name in names:
         case = CASES[name]
         if case["gpu"] and not torch.cuda.is_available():
             results[name] = {"skipped": "needs a CUDA GPU"}
             continue
-        results[name] = launch(name, case, args.steps, args.warmup)
+        results[name] = launch(case, args)
+        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     print(json.dumps(results, indent=2))
 
 
