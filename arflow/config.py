@@ -30,6 +30,34 @@ class RunConfig:
     seed: int = 0
 
 
+# ---------------------------------------------------------------------------- model zoo
+# The named sizes a config's `model.name` picks; here (not in arflow.models) so that the schema
+# checks names and shapes without importing the model code.
+ARCHITECTURES = {  # size -> (depth, hidden, heads for /2, heads for /4 and /8)
+    "S": (12, 384, 6, 6),
+    "B": (12, 768, 12, 12),
+    "L": (24, 1024, 16, 16),
+    "XL": (28, 1152, 18, 16),
+}
+MODEL_NAMES = tuple(f"ARFlow-{size}/{p}" for size in ARCHITECTURES for p in (2, 4, 8))
+
+
+def model_kwargs(name: str) -> dict:
+    """Architecture of a zoo name such as "ARFlow-XL/2": patch_size, depth, hidden_size, heads."""
+    try:
+        size, patch = name.removeprefix("ARFlow-").split("/")
+        depth, hidden, heads2, heads48 = ARCHITECTURES[size]
+        patch = int(patch)
+        if patch not in (2, 4, 8):
+            raise KeyError(patch)
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}"
+        ) from None
+    heads = heads2 if patch == 2 else heads48
+    return dict(patch_size=patch, depth=depth, hidden_size=hidden, num_heads=heads)
+
+
 @dataclass
 class ModelConfig:
     # A zoo name "ARFlow-{S,B,L,XL}/{2,4,8}"; depth / hidden_size / num_heads override the zoo's
@@ -50,8 +78,6 @@ class ModelConfig:
 
     def architecture(self) -> dict:
         """Keyword arguments of `ARFlow(...)`; they fix every parameter shape."""
-        from arflow.models import model_kwargs
-
         arch = model_kwargs(self.name)
         for key in ("depth", "hidden_size", "num_heads"):
             if getattr(self, key) is not None:

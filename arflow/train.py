@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from arflow.config import Config, ConfigError
-from arflow.distributed.backend import Backend, build_backend
+from arflow.distributed.backend import Backend
 from arflow.distributed.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -30,6 +30,7 @@ from arflow.distributed.checkpoint import (
 from arflow.distributed.ema import EMA, local_shard
 from arflow.distributed.env import DistInfo, any_true, init_distributed, shutdown
 from arflow.distributed.failure import FailureWatch
+from arflow.distributed.parallelize import build_backend
 from arflow.flow.transport import training_loss
 from arflow.models import ARFlow, architecture_of, save_pretrained
 from arflow.models.vae import load_vae

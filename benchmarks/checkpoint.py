@@ -46,9 +46,9 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from arflow.config import config_from_dict
-    from arflow.distributed.backend import build_backend
     from arflow.distributed.checkpoint import CheckpointManager
     from arflow.distributed.env import init_distributed
+    from arflow.distributed.parallelize import build_backend
     from arflow.models import ARFlow, architecture_of
     from arflow.utils import integrity
     from arflow.utils.integrity import file_record, list_files

@@ -113,8 +113,8 @@ def train_distributed(out: str) -> None:
     """Run under torchrun with 2 processes: every case, then rank 0 saves the results."""
     import torch.distributed as dist
 
-    from arflow.distributed.backend import build_backend
     from arflow.distributed.env import init_distributed, shutdown
+    from arflow.distributed.parallelize import build_backend
 
     info = init_distributed("cpu")
     results = {}

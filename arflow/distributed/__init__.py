@@ -1,12 +1,14 @@
 """Distribution from outside the model: process group, backends (DDP, FSDP2, DeepSpeed ZeRO),
 EMA in the backend's layout, and atomic checkpoints."""
 
-from .backend import Backend, StepResult, build_backend
+from .backend import Backend, StepResult
 from .checkpoint import CheckpointManager
 from .ema import EMA
 from .env import DistInfo, init_distributed, shutdown
+from .parallelize import BACKENDS, build_backend
 
 __all__ = [
+    "BACKENDS",
     "Backend",
     "CheckpointManager",
     "DistInfo",

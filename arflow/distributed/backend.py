@@ -1,15 +1,14 @@
 """The small interface every data-parallel backend implements, and what they share.
 
-The trainer builds a plain model, hands it to `build_backend`, and from then on only talks to
-the backend: one optimizer step over a list of micro-batches, the fp32 tensors the EMA tracks,
-gathering sharded tensors for sampling, and saving / loading its own state. Parallelism is
-applied from outside the model (torchtitan's "parallelize" step): the model code never learns
-which backend runs it.
+The trainer builds a plain model, hands it to `build_backend` (parallelize.py), and from then
+on only talks to the backend: one optimizer step over a list of micro-batches, the fp32 tensors
+the EMA tracks, gathering sharded tensors for sampling, and saving / loading its own state.
+Parallelism is applied from outside the model (torchtitan's "parallelize" step): the model code
+never learns which backend runs it.
 """
 
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from arflow.config import Config
 from arflow.distributed.env import DistInfo
@@ -69,13 +67,6 @@ def make_optimizer(params: Iterable | list[dict], cfg: Config, cls=torch.optim.A
     return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def checkpoint_blocks(module: nn.Module) -> None:
-    """Recompute each transformer block's activations in backward. Only `forward` is wrapped,
-    so parameter names (and checkpoints) stay those of the plain model."""
-    for block in module.blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
 def mean_across_ranks(value: torch.Tensor) -> float:
     """Mean of a scalar over ranks (one all-reduce; nan if any rank's value is nan)."""
     t = value.detach().double().reshape(1)
@@ -89,7 +80,13 @@ class Backend(ABC):
 
     name: str
 
-    def __init__(self, module: nn.Module, cfg: Config, info: DistInfo):
+    def __init__(
+        self, module: nn.Module, cfg: Config, info: DistInfo, reshard_resume: bool = False
+    ):
+        """`module`: the plain model on CPU, fp32, freshly initialised, its blocks already
+        prepared (activation checkpointing, compile); `reshard_resume`: the run will load a
+        checkpoint written with another world size or layout (DeepSpeed must know before it
+        builds its optimizer; the others reshard while loading)."""
         self.cfg = cfg
         self.info = info
         self.precision = resolve_precision(cfg, info.device)
@@ -135,23 +132,3 @@ class Backend(ABC):
         when each rank downloaded its own copy of a remote checkpoint). Files are verified
         against the checkpoint's checksums before this is called; pickled files are still
         refused when they need code to unpickle (arflow.utils.safe_load)."""
-
-
-def build_backend(
-    module: nn.Module, cfg: Config, info: DistInfo, reshard_resume: bool = False
-) -> Backend:
-    """Parallelize `module` (on CPU, fp32, freshly initialised) with the configured backend.
-    `reshard_resume`: the run will load a checkpoint written with another world size or ZeRO
-    stage (DeepSpeed must know before it builds its optimizer)."""
-    name = cfg.parallel.backend
-    if name == "ddp":
-        from arflow.distributed.native import DDPBackend
-
-        return DDPBackend(module, cfg, info)
-    if name == "fsdp2":
-        from arflow.distributed.native import FSDP2Backend
-
-        return FSDP2Backend(module, cfg, info)
-    from arflow.distributed.zero import DeepSpeedBackend
-
-    return DeepSpeedBackend(module, cfg, info, universal_resume=reshard_resume)

@@ -23,7 +23,6 @@ from arflow.distributed.backend import (
     Backend,
     LossFn,
     StepResult,
-    checkpoint_blocks,
     make_optimizer,
     mean_across_ranks,
     param_groups,
@@ -35,10 +34,10 @@ from arflow.distributed.env import DistInfo
 class NativeBackend(Backend):
     """Shared step and DCP checkpointing; subclasses wrap the module and pick the autocast."""
 
-    def __init__(self, module: nn.Module, cfg: Config, info: DistInfo):
-        super().__init__(module, cfg, info)
-        if cfg.parallel.activation_checkpointing:
-            checkpoint_blocks(module)
+    def __init__(
+        self, module: nn.Module, cfg: Config, info: DistInfo, reshard_resume: bool = False
+    ):
+        super().__init__(module, cfg, info, reshard_resume)
         self.module = module
         self.model = self.parallelize(module.to(info.device))
         self.optimizer = make_optimizer(param_groups(module, cfg.optim.weight_decay), cfg)

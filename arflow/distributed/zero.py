@@ -44,7 +44,6 @@ from arflow.distributed.backend import (
     Backend,
     LossFn,
     StepResult,
-    checkpoint_blocks,
     make_optimizer,
     mean_across_ranks,
     param_groups,
@@ -108,12 +107,10 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     def __init__(
-        self, module: nn.Module, cfg: Config, info: DistInfo, universal_resume: bool = False
+        self, module: nn.Module, cfg: Config, info: DistInfo, reshard_resume: bool = False
     ):
-        super().__init__(module, cfg, info)
+        super().__init__(module, cfg, info, reshard_resume)
         self.stage = cfg.parallel.zero_stage
-        if cfg.parallel.activation_checkpointing:
-            checkpoint_blocks(module)
         if self.dtype != torch.float32:
             # The module holds bf16 weights; inputs (images, noise levels) arrive in fp32.
             module.register_forward_pre_hook(self._cast_inputs)
@@ -126,7 +123,7 @@ class DeepSpeedBackend(Backend):
             {k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")}
             for g in self.optimizer.param_groups
         ]
-        self.ds_config = deepspeed_config(cfg, info.world_size, self.dtype, universal_resume)
+        self.ds_config = deepspeed_config(cfg, info.world_size, self.dtype, reshard_resume)
         self.model, _, _, _ = deepspeed.initialize(
             model=module.to(info.device), optimizer=self.optimizer, config=self.ds_config
         )

@@ -1,7 +1,9 @@
 """ARFlow models: the backbone, its hybrid attention (and the block-causal softmax ablation)
 and the model zoo."""
 
-from .arflow import MODEL_NAMES, ARFlow, ARFlowBlock, ARFlowState, create_model, model_kwargs
+from arflow.config import MODEL_NAMES, model_kwargs  # the zoo lives with the schema
+
+from .arflow import ARFlow, ARFlowBlock, ARFlowState, create_model
 from .causal_attention import CausalSoftmaxAttention, KVCache
 from .hybrid_attention import HybridAttention
 from .pretrained import architecture_of, infer_architecture, load_pretrained, save_pretrained

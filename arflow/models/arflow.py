@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from arflow.config import model_kwargs  # the zoo's named sizes
+
 from .causal_attention import CausalSoftmaxAttention, KVCache
 from .hybrid_attention import HybridAttention
 from .layers import (
@@ -268,32 +270,6 @@ class ARFlow(nn.Module):
         tokens, layers = self.run_blocks(tokens, c, layers, "recurrent")
         v = self.unpatchify(self.final_layer(tokens, c))[:, 0]
         return v, ARFlowState(layers, seen + 1, x.shape[0])
-
-
-# ---------------------------------------------------------------------------------------- zoo
-ARCHITECTURES = {  # size -> (depth, hidden, heads for /2, heads for /4 and /8)
-    "S": (12, 384, 6, 6),
-    "B": (12, 768, 12, 12),
-    "L": (24, 1024, 16, 16),
-    "XL": (28, 1152, 18, 16),
-}
-MODEL_NAMES = tuple(f"ARFlow-{size}/{p}" for size in ARCHITECTURES for p in (2, 4, 8))
-
-
-def model_kwargs(name: str) -> dict:
-    """Architecture of a zoo name such as "ARFlow-XL/2": patch_size, depth, hidden_size, heads."""
-    try:
-        size, patch = name.removeprefix("ARFlow-").split("/")
-        depth, hidden, heads2, heads48 = ARCHITECTURES[size]
-        patch = int(patch)
-        if patch not in (2, 4, 8):
-            raise KeyError(patch)
-    except (KeyError, ValueError):
-        raise ValueError(
-            f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}"
-        ) from None
-    heads = heads2 if patch == 2 else heads48
-    return dict(patch_size=patch, depth=depth, hidden_size=hidden, num_heads=heads)
 
 
 def create_model(

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from arflow.config import MODEL_NAMES, model_kwargs
+
 from ..utils.integrity import MANIFEST, HashingWriter, verify_listed
 from ..utils.safe_load import CorruptFileError, UnsafeCheckpointError, load_torch_file
-from .arflow import MODEL_NAMES, ARFlow, model_kwargs
+from .arflow import ARFlow
 
 ARCH_KEY = "arflow.architecture"
 NAME_KEY = "arflow.model"
