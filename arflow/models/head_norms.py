@@ -28,27 +28,24 @@ def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
-def _empty(shape, memory_order, like: torch.Tensor, dtype=None) -> torch.Tensor:
+def _empty(shape, memory_order, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of logical `shape` whose memory runs in `memory_order`."""
     physical = [shape[i] for i in memory_order]
-    out = torch.empty(physical, dtype=dtype or like.dtype, device=like.device)
+    out = torch.empty(physical, dtype=like.dtype, device=like.device)
     return out.permute(_inverse(memory_order))
 
 
-def _inv_rms(x: torch.Tensor, dims) -> torch.Tensor:
-    """1 / sqrt(mean of x^2 over `dims` + eps), fp32, keepdim: one read of x."""
-    size = 1
-    for dim in dims:
-        size *= x.shape[dim]
-    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
-    return norm.square_().div_(size).add_(EPS).rsqrt_()
+def _inv_rms(x: torch.Tensor) -> torch.Tensor:
+    """1 / sqrt(mean of x^2 over the last dim + eps), fp32, keepdim: one read of x."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return norm.square_().div_(x.shape[-1]).add_(EPS).rsqrt_()
 
 
 class _NormSplitHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, heads, memory_order):
         B, S, N, D = x.shape
-        inv = _inv_rms(x, (-1,))  # (B, S, N, 1)
+        inv = _inv_rms(x)  # (B, S, N, 1)
         y = _empty((B, S, heads, N, D // heads), memory_order, x)
         torch.mul(x.unflatten(-1, (heads, -1)).transpose(2, 3), inv[:, :, None], out=y)
         ctx.save_for_backward(y, inv)
@@ -84,7 +81,7 @@ class _GatedHeadNorm(torch.autograd.Function):
         normed = torch.add(*parts) if len(parts) == 2 else parts[0].to(torch.float32, copy=True)
         normed = normed.float()
         B, S, H, N, d = normed.shape
-        inv = _inv_rms(normed, (-1,))  # (B, S, H, N, 1)
+        inv = _inv_rms(normed)  # (B, S, H, N, 1)
         normed.mul_(inv)
         silu = F.silu(gate)
         z = torch.empty_like(gate)
