@@ -24,9 +24,9 @@ State and its cost: the sampler's state is a key/value cache (`KVCache`, (B, H, 
 L = N x images so far) instead of the hybrid's (B, H, d, d). Each step appends its image's N
 keys and values, so memory and time per step grow linearly with the step index (the whole
 sampling run is quadratic in the number of steps), where the hybrid's step costs the same at
-step 1 and step 250. For ARFlow-XL/2 (depth 28, D = 1152, N = 256) after 250 SDE steps the cache
-holds 28 x 2 x 250 x 256 x 1152 values per sample, 8.3 GB in bf16, against 28 x 16 x 72 x 72
-fp32 values (9.3 MB) for the hybrid state.
+step 1 and step 250. For ARFlow-XL/2 (depth 28, D = 1152 in 18 heads of 64, N = 256) after 250
+SDE steps the cache holds 28 x 2 x 250 x 256 x 1152 values per sample, 8.3 GB in bf16, against
+28 x 18 x 64 x 64 fp32 values (8.3 MB) for the hybrid state.
 
 Forms: `parallel` (all S images, one SDPA call with a block-causal mask over S N tokens, plus
 the cache as a prefix every query sees), `recurrent` (one image against the cache; the same
