@@ -31,6 +31,8 @@ PURE=(
   braceexpand==0.1.7
   diffusers==0.42.1
   torch-fidelity==0.4.0
+  importlib-metadata==10.2.0 # declared by diffusers (unused on Python >= 3.8)
+  lazy-importer==0.1.0      # declared by importlib-metadata
 )
 BINARY=(pydantic-core==2.50.5)
 

@@ -162,8 +162,10 @@ def main() -> None:
                 argv += [flag, str(value)]
         if args.inception_weights:
             argv += ["--inception-weights", args.inception_weights]
-        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-        runs.append(json.loads(out.strip().splitlines()[-1]))
+        child_run = subprocess.run(argv, capture_output=True, text=True)
+        if child_run.returncode:  # its traceback, not just "returned non-zero exit status"
+            sys.exit(f"{' '.join(argv)} failed:\n{child_run.stderr[-4000:]}")
+        runs.append(json.loads(child_run.stdout.strip().splitlines()[-1]))
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # a long run's partial results
     rss = [r["peak_rss_mb"] for r in runs]
     print(json.dumps({"runs": runs, "peak_rss_growth": round(max(rss) / min(rss), 3)}, indent=1))
