@@ -13,14 +13,14 @@ good checkpoint stays the latest).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from arflow.config import Config, ConfigError
-from arflow.distributed.backend import Backend
+from arflow.distributed.backend import Backend, StepResult
 from arflow.distributed.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -28,14 +28,14 @@ from arflow.distributed.checkpoint import (
     check_compatible,
 )
 from arflow.distributed.ema import EMA, local_shard
-from arflow.distributed.env import DistInfo, any_true, init_distributed, shutdown
+from arflow.distributed.env import DistInfo, init_distributed, shutdown
 from arflow.distributed.failure import FailureWatch
 from arflow.distributed.parallelize import build_backend
 from arflow.flow.transport import training_loss
 from arflow.models import ARFlow, architecture_of, save_pretrained
 from arflow.models.vae import load_vae
 from arflow.utils.images import grid_pixels, save_grid
-from arflow.utils.metrics import MetricsLogger, peak_memory_gb
+from arflow.utils.metrics import MetricsLogger, StepMetrics, peak_memory_gb
 from arflow.utils.rng import preserved_rng, rng_state, seed_rank, set_rng_state
 from arflow.utils.schedule import lr_at
 from arflow.utils.signals import PreemptionSignals
@@ -44,6 +44,48 @@ from arflow.utils.synthetic import SyntheticLoader
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TrainState:
+    """What a rank carries from step to step besides model, optimizer and EMA: the step, the
+    non-finite counters, the random streams (noise, label dropout) and the data position.
+    `state_dict()` is the rank file of a checkpoint: tensors and plain values only, so it loads
+    with torch.load(weights_only=True)."""
+
+    def __init__(self, loader, seed: int, rank: int):
+        self.loader, self.seed, self.rank = loader, seed, rank
+        self.step = 0  # optimizer steps done (skipped ones included)
+        self.skipped_total = 0  # steps skipped for a non-finite loss or gradient, since the start
+        self.nonfinite_streak = 0  # of them, the consecutive ones up to now
+        seed_rank(seed, rank)  # per-rank streams (model init happened before, from `seed` alone)
+
+    def record(self, skipped: bool) -> None:
+        self.step += 1
+        self.skipped_total += skipped
+        self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "skipped_total": self.skipped_total,
+            "nonfinite_streak": self.nonfinite_streak,
+            "rng": rng_state(),
+            "data": self.loader.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict, same_layout: bool = True) -> None:
+        """Continue from `state`. With another world size (`same_layout` False, `state` from
+        any old rank) the data pipeline re-plans the rest of the epoch from it (each sequence
+        still seen once); random streams cannot be split the same way, so they restart from
+        seeds derived from the step."""
+        self.step = state["step"]
+        self.skipped_total = state["skipped_total"]
+        self.loader.load_state_dict(state["data"])
+        if same_layout:
+            self.nonfinite_streak = state["nonfinite_streak"]
+            set_rng_state(state["rng"])
+        else:
+            seed_rank(self.seed + self.step, self.rank)
 
 
 def build_loader(cfg: Config, info: DistInfo):
@@ -145,10 +187,7 @@ class Trainer:
         }
         self.backend: Backend = build_backend(module, cfg, info, reshard_resume=reshard)
         self.ema = EMA(self.backend.master_params(), cfg.ema.decay)
-        seed_rank(cfg.run.seed, info.rank)
-        self.step = 0
-        self.skipped_total = 0
-        self.nonfinite_streak = 0
+        self.state = TrainState(self.loader, cfg.run.seed, info.rank)
         if found:
             self._load(found, reshard)
         self.logger = MetricsLogger(cfg, info.is_main, self.step, resumed=found is not None)
@@ -168,24 +207,18 @@ class Trainer:
                     f"channels, the model {cfg.model.in_channels} input channels"
                 )
 
-    # ------------------------------------------------------------------------ checkpoints
-    def rank_state(self) -> dict:
-        """This rank's part of the training state beyond the backend's: random streams, data
-        position, counters (tensors and plain values: loaded weights-only)."""
-        return {
-            "rng": rng_state(),
-            "data": self.loader.state_dict(),
-            "skipped_total": self.skipped_total,
-            "nonfinite_streak": self.nonfinite_streak,
-        }
+    @property
+    def step(self) -> int:
+        return self.state.step
 
+    # ------------------------------------------------------------------------ checkpoints
     def save(self) -> str:
         t0 = time.perf_counter()
         ema = self.full_model(self.ema.shadow)  # collective; rank 0 writes it
         url = self.ckpt.save(
             self.step,
             write_state=self.backend.save_state,
-            rank_state=self.rank_state(),
+            rank_state=self.state.state_dict(),
             ema={k: v.cpu() for k, v in ema.state_dict().items()} if self.info.is_main else None,
             arch=architecture_of(ema),
             config=self.cfg.to_dict(),
@@ -206,21 +239,9 @@ class Trainer:
             with torch.no_grad():
                 for name, shadow in self.ema.shadow.items():
                     local_shard(shadow).copy_(local_shard(local[name]))
-            self.step = found.step
-            if found.meta["world_size"] == self.info.world_size:
-                state = self.ckpt.load_rank_state(found, self.info.rank)
-                set_rng_state(state["rng"])
-                self.loader.load_state_dict(state["data"])
-                self.skipped_total = state["skipped_total"]
-                self.nonfinite_streak = state["nonfinite_streak"]
-            else:
-                # Another world size: the data pipeline re-plans the rest of the epoch from any
-                # old rank's state (each sequence still seen once); the random streams cannot
-                # be split the same way, so they restart from seeds derived from the step.
-                state = self.ckpt.load_rank_state(found, 0)
-                self.loader.load_state_dict(state["data"])
-                self.skipped_total = state["skipped_total"]
-                seed_rank(self.cfg.run.seed + found.step, self.info.rank)
+            same_layout = found.meta["world_size"] == self.info.world_size
+            rank = self.info.rank if same_layout else 0  # another world size: any old rank's
+            self.state.load_state_dict(self.ckpt.load_rank_state(found, rank), same_layout)
         except CheckpointError:
             raise
         except Exception as err:
@@ -313,26 +334,6 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------------------ loop
-    def _next_batches(self, it) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        batches = []
-        for _ in range(self.grad_accum):
-            # Data loading runs outside the training random stream (torch's DataLoader draws
-            # its base seed from the global generator when its iterator starts, i.e. at another
-            # point of the stream after a resume); the data's own randomness is seeded
-            # explicitly, so noise and label dropout resume exactly.
-            with preserved_rng():
-                x, y = next(it)
-            batches.append(
-                (
-                    x.to(self.info.device, non_blocking=True),
-                    y.to(self.info.device, non_blocking=True),
-                )
-            )
-        return batches
-
-    def _due(self, every: int) -> bool:
-        return every > 0 and self.step % every == 0
-
     def fit(
         self, signals: PreemptionSignals | None = None, failure: FailureWatch | None = None
     ) -> str:
@@ -341,93 +342,17 @@ class Trainer:
         `signals`: the process's preemption signals (`run` installs them at start-up; without
         them fit installs its own for its duration). `failure`: told of an error first, so the
         other ranks stop before this one cleans up. Every exit stops the data-loader workers."""
-        cfg = self.cfg
         own_signals = signals is None
         if own_signals:
             signals = PreemptionSignals().install()
-        images_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-        window = {"loss": [], "grad_norm": [], "time": []}
-        outcome = "done"
         try:
             with preserved_rng():  # see _next_batches
-                it = iter(self.loader)
+                data = iter(self.loader)
             signals.defer()  # from here on a notice means: finish the step, save, exit 0
-            while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                batches = self._next_batches(it)
-                lr = lr_at(self.step, cfg.train.steps, cfg.optim)
-                result = self.backend.train_step(batches, training_loss, lr)
-                self.step += 1
-                if result.skipped:
-                    self.skipped_total += 1
-                    self.nonfinite_streak += 1
-                    self.logger.message(
-                        f"step {self.step}: non-finite loss {result.loss} / grad norm {result.grad_norm}; "
-                        f"step skipped ({self.nonfinite_streak} in a row, {self.skipped_total} in total)"
-                    )
-                    if self.nonfinite_streak >= cfg.train.max_nonfinite_steps:
-                        raise NonFiniteLossError(
-                            f"{self.nonfinite_streak} consecutive non-finite steps (limit "
-                            f"train.max_nonfinite_steps = {cfg.train.max_nonfinite_steps}) at step "
-                            f"{self.step}; stopping without saving, the last good checkpoint in "
-                            f"{cfg.checkpoint_dir} is untouched"
-                        )
-                else:
-                    self.nonfinite_streak = 0
-                    self.ema.update()
-                    window["loss"].append(result.loss)
-                    window["grad_norm"].append(result.grad_norm)
-                if self.info.device.type == "cuda":
-                    torch.cuda.synchronize()
-                window["time"].append(time.perf_counter() - t0)
-                self.logger.progress(
-                    self.step,
-                    {
-                        "loss": f"{result.loss:.4f}",
-                        "img/s": f"{images_per_step / window['time'][-1]:.1f}",
-                    },
-                )
-                if self._due(cfg.logging.every) or self.step == cfg.train.steps:
-                    step_time = float(np.mean(window["time"]))
-                    self.logger.log(
-                        self.step,
-                        {
-                            "loss": float(np.mean(window["loss"]))
-                            if window["loss"]
-                            else float("nan"),
-                            "grad_norm": float(np.mean(window["grad_norm"]))
-                            if window["grad_norm"]
-                            else float("nan"),
-                            "lr": lr,
-                            "images_per_s": images_per_step / step_time,
-                            "tokens_per_s": images_per_step * self.tokens_per_image / step_time,
-                            "step_time_s": step_time,
-                            "peak_memory_gb": peak_memory_gb(self.info.device),
-                            "skipped_steps": self.skipped_total,
-                            "data_bad_samples": self.loader.bad_samples,  # this rank's
-                        },
-                    )
-                    window = {k: [] for k in window}
-                preempted = any_true(signals.poll(), self.info.device)
-                if preempted or self._due(cfg.checkpoint.every) or self.step == cfg.train.steps:
-                    with preserved_rng():
-                        self.save()
-                if not preempted and (
-                    self._due(cfg.samples.every)
-                    or self._due(cfg.eval.every)
-                    or self.step == cfg.train.steps
-                ):
-                    with preserved_rng():
-                        self.evaluate()
-                if preempted:
-                    self.logger.message(
-                        f"step {self.step}: {signals.name or 'signal on another rank'} received; "
-                        "saved, exiting"
-                    )
-                    outcome = "preempted"
-                    break
+            outcome = self._train(data, signals)
             if outcome == "done":
                 self.export()
+            return outcome
         except BaseException as error:
             if failure is not None:
                 failure.report(error)
@@ -440,7 +365,100 @@ class Trainer:
                 signals.restore()
             self.logger.close()
             self.ckpt.close()
-        return outcome
+
+    def _train(self, data: Iterator, signals: PreemptionSignals) -> str:
+        """The loop: one optimizer step, then whatever is due. Between log steps a step reads
+        nothing back from the device but the backend's one decision (skip? stop?)."""
+        cfg, state = self.cfg, self.state
+        window = StepMetrics(self.info.device)
+        while state.step < cfg.train.steps:
+            lr = lr_at(state.step, cfg.train.steps, cfg.optim)
+            batches = self._next_batches(data)
+            result = self.backend.train_step(batches, training_loss, lr, stop=signals.poll)
+            state.record(result.skipped)
+            if result.skipped:
+                self._skipped(result)
+            else:
+                self.ema.update()
+            window.add(result.loss, result.grad_norm, applied=not result.skipped)
+            last = state.step == cfg.train.steps
+            if self._due(cfg.logging.every) or last:
+                self._log(window, lr)
+            else:
+                self.logger.progress(state.step)
+            save = result.stop or self._due(cfg.checkpoint.every) or last
+            evaluate = not result.stop and (
+                self._due(cfg.samples.every) or self._due(cfg.eval.every) or last
+            )
+            with window.paused():  # not counted as step time
+                if save:
+                    with preserved_rng():
+                        self.save()
+                if evaluate:
+                    with preserved_rng():
+                        self.evaluate()
+            if result.stop:
+                name = signals.name or "signal on another rank"
+                self.logger.message(f"step {state.step}: {name} received; saved, exiting")
+                return "preempted"
+        return "done"
+
+    def _next_batches(self, data: Iterator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The step's `grad_accumulation` micro-batches, on the device."""
+        batches = []
+        for _ in range(self.grad_accum):
+            # Data loading runs outside the training random stream (torch's DataLoader draws
+            # its base seed from the global generator when its iterator starts, i.e. at another
+            # point of the stream after a resume); the data's own randomness is seeded
+            # explicitly, so noise and label dropout resume exactly.
+            with preserved_rng():
+                x, y = next(data)
+            device = self.info.device
+            batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        return batches
+
+    def _skipped(self, result: StepResult) -> None:
+        """A step skipped for a non-finite loss or gradient: say so (reading this rank's
+        values); stop after `train.max_nonfinite_steps` in a row, without saving."""
+        s, limit = self.state, self.cfg.train.max_nonfinite_steps
+        self.logger.message(
+            f"step {s.step}: non-finite loss or gradient on some rank (here: loss "
+            f"{result.loss.item():.4g}, grad norm {result.grad_norm.item():.4g}); step skipped "
+            f"({s.nonfinite_streak} in a row, {s.skipped_total} in total)"
+        )
+        if s.nonfinite_streak >= limit:
+            raise NonFiniteLossError(
+                f"{s.nonfinite_streak} consecutive non-finite steps (limit "
+                f"train.max_nonfinite_steps = {limit}) at step {s.step}; stopping without "
+                f"saving, the last good checkpoint in {self.cfg.checkpoint_dir} is untouched"
+            )
+
+    def _log(self, window: StepMetrics, lr: float) -> None:
+        """Collective: the window's metrics, reduced over ranks, to metrics.jsonl / wandb and
+        the progress bar."""
+        m = window.read(self.loader.bad_samples)
+        images = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        images_per_s = images / m["step_time_s"]
+        self.logger.log(
+            self.step,
+            {
+                "loss": m["loss"],
+                "grad_norm": m["grad_norm"],
+                "lr": lr,
+                "images_per_s": images_per_s,
+                "tokens_per_s": images_per_s * self.tokens_per_image,
+                "step_time_s": m["step_time_s"],
+                "peak_memory_gb": peak_memory_gb(self.info.device),
+                "skipped_steps": self.state.skipped_total,
+                "data_bad_samples": m["data_bad_samples"],  # world sum
+            },
+        )
+        self.logger.progress(
+            self.step, {"loss": f"{m['loss']:.4f}", "img/s": f"{images_per_s:.1f}"}
+        )
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
 
 
 def run(

@@ -133,7 +133,7 @@ def train_distributed(out: str) -> None:
 
             result = backend.train_step([(x[part], y[part])], loss_fn, LR)
             assert not result.skipped
-            norms.append(result.grad_norm)
+            norms.append(result.grad_norm.item())
         weights = backend.gather_full(backend.master_params())
         results[f"{name}-{mode}-{precision}"] = {
             "weights": {n: w.detach().cpu().clone() for n, w in weights.items()},

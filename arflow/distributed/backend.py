@@ -23,13 +23,30 @@ from arflow.utils.integrity import FileRecorder
 
 # loss_fn(model, x (B, S, C, H, W), y (B,)) -> scalar loss
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# Asked when the step decides: was this rank asked to stop (a preemption notice)?
+StopPoll = Callable[[], bool]
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean over micro-batches and ranks (nan when non-finite somewhere)
-    grad_norm: float  # global norm before clipping
-    skipped: bool  # non-finite loss or gradient: no parameter or optimizer-state change
+    """One optimizer step. The numbers stay on the device (the trainer sums them there and reads
+    them at log steps); the two decisions are the same on every rank."""
+
+    loss: torch.Tensor  # () fp32: this rank's mean loss over its micro-batches
+    grad_norm: torch.Tensor  # () fp32: global gradient norm before clipping (nan: not computed)
+    skipped: bool  # non-finite loss or gradient on some rank: no parameter or optimizer change
+    stop: bool = False  # some rank was asked to stop (preemption notice)
+
+
+def step_decision(nonfinite: torch.Tensor, stop: StopPoll | None) -> tuple[bool, bool]:
+    """(skip, stop) as every rank sees them: skip the update when `nonfinite` (a () bool tensor)
+    is true on any rank, stop when any rank was asked to (`stop()`, polled now). One small
+    all-reduce, read on the host: the step's only host sync."""
+    asked = stop is not None and stop()
+    flags = torch.stack([nonfinite, torch.full_like(nonfinite, asked)]).float()
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    skip, stop = flags.tolist()
+    return skip > 0, stop > 0
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
@@ -67,13 +84,6 @@ def make_optimizer(params: Iterable | list[dict], cfg: Config, cls=torch.optim.A
     return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def mean_across_ranks(value: torch.Tensor) -> float:
-    """Mean of a scalar over ranks (one all-reduce; nan if any rank's value is nan)."""
-    t = value.detach().double().reshape(1)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 class Backend(ABC):
     """One data-parallel strategy. `module` is the user's model as the backend holds it
     (possibly sharded); `model` is what forward is called on."""
@@ -97,10 +107,16 @@ class Backend(ABC):
     # -------------------------------------------------------------------------- training
     @abstractmethod
     def train_step(
-        self, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn, lr: float
+        self,
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        loss_fn: LossFn,
+        lr: float,
+        stop: StopPoll | None = None,
     ) -> StepResult:
         """Forward/backward over the micro-batches, then one optimizer step at `lr` unless a
-        loss or the gradient is non-finite on any rank."""
+        loss or the gradient is non-finite on any rank. `stop` is polled when the step decides
+        and agreed with the other ranks in the same exchange as the non-finite check
+        (`step_decision`), so a step costs one host sync."""
 
     # ------------------------------------------------------------------------------- EMA
     @abstractmethod

@@ -71,18 +71,6 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800) -
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def all_true(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on every rank."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on at least one rank."""
-    return not all_true(not flag, device)
-
-
 def shutdown() -> None:
     """Leave the process group. The barrier first matters: with gloo, tearing the group down
     while a peer still finishes a DCP write aborts the process now and then."""

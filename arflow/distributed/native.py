@@ -24,8 +24,8 @@ from arflow.distributed.backend import (
     LossFn,
     StepResult,
     make_optimizer,
-    mean_across_ranks,
     param_groups,
+    step_decision,
 )
 from arflow.distributed.dcp_io import RecordingWriter, SafeFileSystemReader, SafeLoadPlanner
 from arflow.distributed.env import DistInfo
@@ -53,7 +53,7 @@ class NativeBackend(Backend):
         """Context for one micro-batch's backward: reduce gradients only on the last one."""
         return contextlib.nullcontext()
 
-    def train_step(self, batches, loss_fn: LossFn, lr: float) -> StepResult:
+    def train_step(self, batches, loss_fn: LossFn, lr: float, stop=None) -> StepResult:
         losses = []
         for i, (x, y) in enumerate(batches):
             with self.sync_gradients(i == len(batches) - 1):
@@ -65,10 +65,9 @@ class NativeBackend(Backend):
         norm = get_total_norm([p.grad for p in params if p.grad is not None])
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        loss_mean = mean_across_ranks(torch.stack(losses).mean())
-        grad_norm = norm.item()
-        finite = bool(torch.isfinite(torch.tensor([loss_mean, grad_norm])).all())
-        if finite:
+        loss = torch.stack(losses).mean()
+        skip, stop = step_decision(~(torch.isfinite(loss) & torch.isfinite(norm)), stop)
+        if not skip:
             clip, mode = self.cfg.train.grad_clip, self.cfg.train.grad_clip_mode
             if clip > 0 and mode == "norm":
                 clip_grads_with_norm_(params, clip, norm)
@@ -78,7 +77,7 @@ class NativeBackend(Backend):
                 group["lr"] = lr
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_mean, grad_norm, skipped=not finite)
+        return StepResult(loss, norm.detach().float(), skip, stop)
 
     # ------------------------------------------------------------------------------- EMA
     def master_params(self) -> dict[str, torch.Tensor]:

@@ -21,10 +21,11 @@ on the same processes continues exactly.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 import shutil
+from collections.abc import Callable
 
 import deepspeed
 import torch
@@ -45,8 +46,8 @@ from arflow.distributed.backend import (
     LossFn,
     StepResult,
     make_optimizer,
-    mean_across_ranks,
     param_groups,
+    step_decision,
 )
 from arflow.distributed.env import DistInfo
 from arflow.utils.integrity import FileRecorder
@@ -60,19 +61,24 @@ class ZeroAdamW(torch.optim.AdamW):
     """AdamW as ZeRO calls it: on this rank's partition of the fp32 master weights, whose
     `.grad` holds the partition of the reduced (averaged) gradient (ZeRO-1/2: the flat fp32
     partition of each group; ZeRO-3: each sub-group's flat partition), after DeepSpeed's own
-    norm clipping. Two additions:
+    norm clipping. DeepSpeed calls `step` once per group (or sub-group) of each optimizer step,
+    after it has computed the global gradient norm. Two additions:
 
-    - `skip` vetoes the step. DeepSpeed detects non-finite gradients only in fp16 mode; under
-      bf16/fp32 it would apply the step, so the backend decides (the same way on every rank).
+    - `decide`, set by the backend before each optimizer step, is called at the first of those
+      calls and returns whether to skip the update (the same on every rank): the whole
+      optimizer step is then skipped or applied.
     - `clip_value` > 0 clamps those gradients to [-clip_value, clip_value] first. DeepSpeed
       clips only by norm; clipping by value is element-wise, so clamping each rank's partition
       of the reduced gradient equals clamping the full gradient.
     """
 
+    decide: Callable[[], bool] | None = None
     skip = False
     clip_value = 0.0
 
     def step(self, closure=None):
+        if self.decide is not None:
+            self.skip, self.decide = self.decide(), None
         if self.skip:
             return None
         if self.clip_value > 0:
@@ -89,7 +95,7 @@ def deepspeed_config(cfg: Config, world_size: int, dtype: torch.dtype, universal
         "gradient_accumulation_steps": cfg.grad_accumulation(world_size),
         # DeepSpeed clips by norm only; value clipping happens in ZeroAdamW.
         "gradient_clipping": t.grad_clip if t.grad_clip_mode == "norm" else 0.0,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        "bf16": {"enabled": dtype == torch.bfloat16, **_no_overflow_check()},
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             "contiguous_gradients": True,
@@ -101,6 +107,21 @@ def deepspeed_config(cfg: Config, world_size: int, dtype: torch.dtype, universal
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+
+
+def _no_overflow_check() -> dict:
+    """DeepSpeed's own bf16 non-finite gradient check off: it reads two values on the host per
+    step, and the backend's decision covers the gradient anyway (through the global norm, in
+    the step's one exchange). Older DeepSpeed versions have neither the check nor the key."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return {}
+    return (
+        {"check_grad_overflow": False}
+        if "check_grad_overflow" in DeepSpeedBF16Config.model_fields
+        else {}
+    )
 
 
 class DeepSpeedBackend(Backend):
@@ -142,22 +163,46 @@ class DeepSpeedBackend(Backend):
             a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args
         )
 
-    def train_step(self, batches, loss_fn: LossFn, lr: float) -> StepResult:
-        losses = []
+    def train_step(self, batches, loss_fn: LossFn, lr: float, stop=None) -> StepResult:
+        losses, decision = [], {}
         for i, (x, y) in enumerate(batches):
             loss = loss_fn(self.model, x, y)
             losses.append(loss.detach().float())
+            self.model.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
             if i == len(batches) - 1:
-                # Decided before the step, identically on every rank (one all-reduce).
-                loss_mean = mean_across_ranks(torch.stack(losses).mean())
-                self.optimizer.skip = not math.isfinite(loss_mean)
+                loss_mean = torch.stack(losses).mean()
+                self.optimizer.decide = functools.partial(self._decide, loss_mean, stop, decision)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-            self.model.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
             self.model.step()  # applies the update on the last micro-batch only
-        grad_norm = self.model.get_global_grad_norm()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        return StepResult(loss_mean, grad_norm, skipped=self.optimizer.skip)
+        if not decision:
+            # DeepSpeed skipped the update itself (its own check of the norm, fp32 or ZeRO-3)
+            # without calling the optimizer; the same on every rank (the norm is global).
+            self.optimizer.decide = None
+            _, decision["stop"] = step_decision(~torch.isfinite(loss_mean), stop)
+            decision["skip"] = True
+        return StepResult(loss_mean, self._grad_norm(), decision["skip"], decision["stop"])
+
+    def _decide(self, loss: torch.Tensor, stop, decision: dict) -> bool:
+        """The step's decision, called by ZeroAdamW inside DeepSpeed's step: gradients reduced,
+        global norm known, no update applied yet. `_global_grad_norm` is the ZeRO optimizer's
+        norm of this step (the engine's public copy is refreshed only after the step); a
+        non-finite gradient makes it non-finite."""
+        norm = self.model.optimizer._global_grad_norm
+        finite = torch.isfinite(loss)
+        if torch.is_tensor(norm):
+            finite &= torch.isfinite(norm)
+        decision["skip"], decision["stop"] = step_decision(~finite, stop)
+        return decision["skip"]
+
+    def _grad_norm(self) -> torch.Tensor:
+        """DeepSpeed's global gradient norm of the last step as a () fp32 device tensor, without
+        reading it (a tensor, or a float when it skipped the step itself; nan if not computed)."""
+        norm = self.model.get_global_grad_norm()
+        if torch.is_tensor(norm):
+            return norm.detach().float().reshape(())
+        value = float("nan") if norm is None else norm
+        return torch.full((), value, dtype=torch.float32, device=self.info.device)
 
     # ------------------------------------------------------------------------------- EMA
     def master_params(self) -> dict[str, torch.Tensor]:

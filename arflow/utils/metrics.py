@@ -1,4 +1,5 @@
-"""Rank-0 observability: a tqdm bar, `metrics.jsonl` in the run directory, and wandb.
+"""Training metrics: summed on the device between log steps (StepMetrics), then written by
+rank 0 (MetricsLogger) to a tqdm bar, `metrics.jsonl` in the run directory, and wandb.
 
 `metrics.jsonl` always works (no service needed). wandb follows WANDB_MODE when it is set,
 runs offline when no API key is configured, and is off with `logging.wandb: false`.
@@ -6,7 +7,9 @@ runs offline when no API key is configured, and is off with `logging.wandb: fals
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import netrc
 import os
 import resource
@@ -16,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from arflow.config import Config
@@ -27,6 +31,58 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss_kb / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class StepMetrics:
+    """The steps since the last log step. Loss and gradient norm are summed on the device, so a
+    step costs no host sync; `read` (at log steps) reduces them over ranks and reads them once.
+    The step time is the window's wall time over its steps, measured there too (the read waits
+    for the device), leaving out time spent `paused` (checkpoints, evaluation)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, grad norm
+        self.applied = 0  # steps whose update was applied (skipped ones are not averaged)
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.excluded = 0.0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: bool) -> None:
+        """loss: () this rank's mean loss of the step; grad_norm: () global norm."""
+        self.steps += 1
+        if applied:
+            self.applied += 1
+            self.sums += torch.stack([loss.detach(), grad_norm.detach()]).double()
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
+
+    def read(self, bad_samples: int) -> dict[str, float]:
+        """Collective. Means over ranks and the window's applied steps (nan if none) of `loss`
+        and `grad_norm`, `step_time_s`, and `data_bad_samples`: the world sum of each rank's
+        `bad_samples`. Starts the next window."""
+        extra = torch.full((1,), float(bad_samples), dtype=torch.float64, device=self.device)
+        totals = torch.cat([self.sums, extra])
+        dist.all_reduce(totals)
+        loss, grad_norm, bad = totals.tolist()  # waits for the window's steps
+        step_time = (time.perf_counter() - self.start - self.excluded) / max(self.steps, 1)
+        count = self.applied * dist.get_world_size()
+        out = {
+            "loss": loss / count if count else math.nan,
+            "grad_norm": grad_norm / count if count else math.nan,
+            "step_time_s": step_time,
+            "data_bad_samples": int(bad),
+        }
+        self.reset()
+        return out
 
 
 def wandb_mode() -> str:
@@ -119,10 +175,12 @@ class MetricsLogger:
 
             self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
-    def progress(self, step: int, postfix: dict) -> None:
+    def progress(self, step: int, postfix: dict | None = None) -> None:
+        """Move the bar to `step`; `postfix` (log steps) replaces the figures shown beside it."""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(postfix, refresh=False)
+            if postfix is not None:
+                self.bar.set_postfix(postfix, refresh=False)
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -56,9 +56,15 @@ def set_rng_state(state: dict) -> None:
 def preserved_rng():
     """Run a block (checkpointing, sampling, logging) outside the training random stream:
     whatever it draws, the stream continues as if it had not run, so a resumed run (which does
-    not repeat the block) draws exactly what the uninterrupted one did."""
-    state = rng_state()
+    not repeat the block) draws exactly what the uninterrupted one did. Runs once per
+    micro-batch: the generators' own state objects are kept as they are (no conversion)."""
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         yield
     finally:
-        set_rng_state(state)
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
