@@ -157,6 +157,11 @@ class ParallelConfig:
     # on CPU (where tf32 is plain fp32). Master weights and optimizer state are fp32 always.
     precision: Literal["auto", "bf16", "tf32", "fp32"] = "auto"
     activation_checkpointing: bool = False  # per transformer block
+    # torch.compile each transformer block and the final layer (one graph each) before the
+    # backend wraps or shards them. "auto": on for CUDA, off for CPU (where compiling costs more
+    # than a short run gains) and under DeepSpeed ZeRO-3, whose per-module parameter hooks
+    # cannot be compiled (true there is refused).
+    compile: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # How long a collective (or barrier) may wait for the other ranks before the process group
     # fails it. A rank that raises stops the others within seconds regardless (see README,
@@ -398,6 +403,13 @@ class Config:
             f"must be 1, 2 or 3, got {p.zero_stage}",
         )
         _check(
+            not (p.compile is True and p.backend == "deepspeed" and p.zero_stage == 3),
+            "parallel.compile",
+            "DeepSpeed ZeRO-3 gathers each module's parameters in hooks that torch.compile "
+            "cannot trace; use zero_stage 1 or 2, or the fsdp2 backend (sharded like ZeRO-3, "
+            "compiled per block), or compile false",
+        )
+        _check(
             p.collective_timeout_s > 0,
             "parallel.collective_timeout_s",
             f"must be > 0, got {p.collective_timeout_s}",
@@ -431,6 +443,12 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 # ------------------------------------------------------------------------------------ parsing
 def _type_name(tp) -> str:
+    """How an annotation reads in an error: `int`, `bool or 'auto'`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
