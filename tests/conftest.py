@@ -144,3 +144,14 @@ def tiny_vae(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group for in-process tests of the trainer and the backends; left
+    afterwards the library's way (so DeepSpeed in a later test starts clean)."""
+    from arflow.distributed.env import init_distributed, shutdown
+
+    info = init_distributed("cpu")
+    yield info
+    shutdown()

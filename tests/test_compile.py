@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 STEPS = 3
@@ -68,16 +67,6 @@ def train(cfg, info) -> tuple[list[float], object]:
 
 def compiled_forward(module) -> bool:
     return hasattr(module.forward, "_torchdynamo_orig_callable")  # what torch.compile returns
-
-
-@pytest.fixture
-def process_group():
-    from arflow.distributed.env import init_distributed
-
-    info = init_distributed("cpu")
-    yield info
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(

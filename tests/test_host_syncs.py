@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from test_distributed import tiny_config
 from torch.overrides import TorchFunctionMode
 
@@ -67,16 +66,6 @@ CASES = [
     # clipping by norm, its own step reads the gradient norm's validity on the host each step).
     pytest.param("deepspeed", {"precision": "bf16"}, id="deepspeed-zero2-bf16"),
 ]
-
-
-@pytest.fixture
-def process_group():
-    from arflow.distributed.env import init_distributed
-
-    info = init_distributed("cpu")
-    yield info
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend,parallel", CASES)

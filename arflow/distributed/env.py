@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -73,7 +74,13 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800) -
 
 def shutdown() -> None:
     """Leave the process group. The barrier first matters: with gloo, tearing the group down
-    while a peer still finishes a DCP write aborts the process now and then."""
+    while a peer still finishes a DCP write aborts the process now and then. When DeepSpeed ran
+    in this process it leaves through DeepSpeed, which then drops its own references to the
+    group's subgroups (kept, they break a later group in the same process, e.g. a second run)."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
+        if deepspeed_comm is not None and deepspeed_comm.cdb is not None:
+            deepspeed_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
