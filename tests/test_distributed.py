@@ -97,6 +97,9 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
         f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     )
+    if "--master_port" in cmd:  # DeepSpeed's CPU shared-memory buffers must not outlive the job
+        port = cmd[cmd.index("--master_port") + 1]
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc
 
 

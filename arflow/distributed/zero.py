@@ -21,6 +21,7 @@ on the same processes continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -124,6 +125,26 @@ def _no_overflow_check() -> dict:
     )
 
 
+def release_shared_memory_name(rank: int) -> None:
+    """DeepSpeed's CPU communication backend maps one ~70 MB shared-memory buffer per rank (for
+    an all-reduce the trainer never calls) when all ranks share a machine, and never unlinks its
+    name: every run would leave world_size buffers in /dev/shm until the machine's memory runs
+    out. Each rank has mapped every peer's buffer by the time `deepspeed.initialize` returns, so
+    after a barrier each rank drops the name of its own (the mappings stay valid)."""
+    dist.barrier()
+    name = "_".join(
+        (
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(rank),
+        )
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -149,6 +170,8 @@ class DeepSpeedBackend(Backend):
             model=module.to(info.device), optimizer=self.optimizer, config=self.ds_config
         )
         self.module = self.model.module
+        if info.device.type == "cpu":
+            release_shared_memory_name(info.rank)
         # What DeepSpeed's universal-checkpoint converter requires in a ZeRO-1/2 checkpoint
         # (it refuses one without it): recorded in every save, so any checkpoint reshards.
         setattr(
