@@ -34,7 +34,6 @@ from the device name at run time (BF16_PEAK; H100 SXM / H200: 989 TFLOP/s).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -102,13 +101,6 @@ for _tag, (_config, _model, _micro, _gpu) in MODELS.items():
             )
 
 
-def has_compile_key() -> bool:
-    """Whether this tree's config schema has `parallel.compile`."""
-    from arflow.config import ParallelConfig
-
-    return "compile" in {f.name for f in dataclasses.fields(ParallelConfig)}
-
-
 def train_flops_per_image(arch: dict, seq_len: int) -> float:
     """Model FLOPs of one image's training step (forward + backward); see the module docstring.
     `arch`: ModelConfig.architecture()."""
@@ -148,7 +140,7 @@ def worker(args) -> None:
 
     from arflow.config import load_config
     from arflow.distributed.env import init_distributed, shutdown
-    from arflow.distributed.parallelize import build_backend
+    from arflow.distributed.parallelize import build_backend, compile_enabled
     from arflow.flow.transport import training_loss
     from arflow.models import ARFlow
     from arflow.utils.synthetic import SyntheticLoader
@@ -206,7 +198,7 @@ def worker(args) -> None:
             else f"{m.name} (depth {m.depth}, width {m.hidden_size})",
             "backend": cfg.parallel.backend
             + (f" ZeRO-{cfg.parallel.zero_stage}" if cfg.parallel.backend == "deepspeed" else ""),
-            "compile": getattr(cfg.parallel, "compile", None),
+            "compile": compile_enabled(cfg, info.device),
             "precision": backend.precision,
             "processes": info.world_size,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -242,10 +234,7 @@ def launch(case: dict, args) -> dict:
 
     items = list(case["set"])
     if "compile" in case:
-        if has_compile_key():
-            items.append(f"parallel.compile={'true' if case['compile'] else 'false'}")
-        elif case["compile"]:
-            return {"skipped": "parallel.compile is not a config key in this tree"}
+        items.append(f"parallel.compile={'true' if case['compile'] else 'false'}")
     micro = args.micro_batch or case.get("micro_batch")
     if micro:
         items += [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}"]
