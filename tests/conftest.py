@@ -146,6 +146,16 @@ def tiny_vae(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Undo what a test leaves in os.environ: an in-process trainer exports RANK, WORLD_SIZE and
+    MASTER_PORT (as a launcher would), and a later test's launcher would inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def process_group():
     """A one-process gloo group for in-process tests of the trainer and the backends; left
