@@ -157,6 +157,22 @@ def restore_environment():
 
 
 @pytest.fixture
+def single_process_env(monkeypatch):
+    """What a launcher exports for one process (RANK, WORLD_SIZE, ... on a free port), for
+    in-process calls of the CLIs; undone after the test."""
+    from arflow.distributed.env import free_port
+
+    for key, value in dict(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    ).items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
 def process_group():
     """A one-process gloo group for in-process tests of the trainer and the backends; left
     afterwards the library's way (so DeepSpeed in a later test starts clean)."""

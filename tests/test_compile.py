@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TINY_MODEL_CONFIG
 from torch._dynamo.utils import counters
 
 STEPS = 3
-MODEL = {
-    "name": "ARFlow-S/4",
-    "input_size": 8,
-    "in_channels": 1,
-    "num_classes": 4,
-    "depth": 2,
-    "hidden_size": 32,
-    "num_heads": 2,
-}
+MODEL = TINY_MODEL_CONFIG
 
 
 def config(parallel: dict, compile: bool | str):

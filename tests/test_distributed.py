@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import TINY_MODEL_CONFIG
 
 from arflow.distributed.env import free_port
 from arflow.distributed.export import read_trainer_checkpoint
@@ -39,15 +40,7 @@ def tiny_config(
 ) -> Path:
     cfg = {
         "run": {"name": f"test-{backend}", "dir": str(tmp / "run"), "seed": 3},
-        "model": {
-            "name": "ARFlow-S/4",
-            "input_size": 8,
-            "in_channels": 1,
-            "num_classes": 4,
-            "depth": 2,
-            "hidden_size": 32,
-            "num_heads": 2,
-        },
+        "model": dict(TINY_MODEL_CONFIG),
         "data": {"url": "synthetic", "seq_len": 3},
         "train": {"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2},
         "optim": {"lr": 1e-3, "warmup_steps": 4, "schedule": "cosine"},

@@ -227,19 +227,6 @@ def test_random_labels_are_uniform_and_keyed_by_seed_and_index():
     assert sample_labels(range(12), 10, "balanced", seed=3).tolist() == [*range(10), 0, 1]
 
 
-@pytest.fixture
-def single_process_env(monkeypatch):
-    """The launcher joins a process group from RANK/WORLD_SIZE...; keep that out of os.environ."""
-    for key, value in dict(
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    ).items():
-        monkeypatch.setenv(key, value)
-
-
 def save_tiny(path: Path) -> Path:
     """tiny_model() as a self-describing weight file (the trainer's and convert_ckpt's format)."""
     model = tiny_model()

@@ -15,7 +15,6 @@ from random_inception import write_random_weights
 from arflow.data.writing.build import build_shards
 from arflow.data.writing.encoders import PixelEncoder
 from arflow.data.writing.sources import ImageFolderSource
-from arflow.distributed.env import free_port
 from arflow.eval import frechet_distance, load_reference
 from arflow.eval.cli import fid_main, fid_reference_main
 from arflow.eval.image_sets import image_batches
@@ -41,19 +40,6 @@ def image_sets(tmp_path_factory):
     np.savez(tmp / "samples.npz", arr_0=images)
     weights = write_random_weights(tmp / "random_inception.pth")
     return tmp, str(weights)
-
-
-@pytest.fixture
-def single_process_env(monkeypatch):
-    """The CLIs join a process group from RANK/WORLD_SIZE...; keep that out of os.environ."""
-    for key, value in dict(
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    ).items():
-        monkeypatch.setenv(key, value)
 
 
 def run_cli(main, argv, capsys) -> dict:

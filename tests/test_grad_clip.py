@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_MODEL_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -28,16 +29,8 @@ CASES = {
     "zero2": {"backend": "deepspeed", "zero_stage": 2},
     "zero3": {"backend": "deepspeed", "zero_stage": 3},
 }
-MODEL = {
-    "name": "ARFlow-S/4",
-    "input_size": 8,
-    "in_channels": 1,
-    "num_classes": 4,
-    "depth": 2,
-    "hidden_size": 32,
-    "num_heads": 2,
-    "class_dropout_prob": 0.0,  # no random label dropout: the loss is a function of the batch
-}
+# No random label dropout: the loss is a function of the batch.
+MODEL = {**TINY_MODEL_CONFIG, "class_dropout_prob": 0.0}
 
 
 def config(parallel: dict, mode: str, precision: str = "fp32"):

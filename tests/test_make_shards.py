@@ -346,6 +346,7 @@ def test_cli_writes_to_s3_and_the_loader_streams_it(moto_s3):
     assert all(len(set(row.tolist())) == 5 for row in ids)
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_split_classes_and_rank0_writes_the_manifest(tmp_path):
     single = build_shards(
         DigitsSource(8),

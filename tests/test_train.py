@@ -32,6 +32,7 @@ def clean_env(tmp_path: Path) -> dict:
     return dict(env, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+@pytest.mark.slow
 def test_ddp_observability_interrupted_save_and_shape_change(tmp_path):
     cfg = tiny_config(
         tmp_path,
@@ -87,6 +88,7 @@ def test_ddp_observability_interrupted_save_and_shape_change(tmp_path):
     assert "model.hidden_size: checkpoint 32, config 64" in proc.stderr
 
 
+@pytest.mark.slow
 def test_zero1_under_deepspeed(tmp_path):
     cfg = tiny_config(tmp_path, "deepspeed", zero_stage=1, train={"steps": 4})
     env = clean_env(tmp_path)
@@ -96,6 +98,7 @@ def test_zero1_under_deepspeed(tmp_path):
     assert latest_step(tmp_path / "run" / "checkpoints") == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, backend):
     cfg = tiny_config(
@@ -201,6 +204,7 @@ if __name__ == "__main__":
     _poisoned_run(sys.argv[1])
 
 
+@pytest.mark.slow
 def test_periodic_fid_inside_training(tmp_path):
     """eval.every runs the distributed FID/IS on the EMA model across both ranks; the results
     land in metrics.jsonl at every evaluation step."""

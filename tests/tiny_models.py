@@ -6,6 +6,17 @@ import torch
 
 from arflow.models import ARFlow
 
+# The `model` section of the smallest trainer configs (tests that run the trainer end to end).
+TINY_MODEL_CONFIG = {
+    "name": "ARFlow-S/4",
+    "input_size": 8,
+    "in_channels": 1,
+    "num_classes": 4,
+    "depth": 2,
+    "hidden_size": 32,
+    "num_heads": 2,
+}
+
 
 def randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
