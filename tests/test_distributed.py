@@ -28,6 +28,7 @@ from tiny_models import TINY_MODEL_CONFIG
 from arflow.distributed.env import free_port
 from arflow.distributed.export import read_trainer_checkpoint
 from arflow.models import ARFlow, architecture_of, load_pretrained
+from arflow.utils.images import GAP_PX
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = str(ROOT / "launchers" / "train.py")
@@ -266,8 +267,8 @@ def assert_sample_cli_writes_grid(ckpt: Path, out: Path) -> None:
     from PIL import Image
 
     with Image.open(out) as image:
-        # four 8x8 digits on a 2 x 2 grid, each enlarged 8x to 64 px, 2 px between cells
-        assert image.size == (2 * 64 + 2, 2 * 64 + 2)
+        # four 8x8 digits on a 2 x 2 grid, each enlarged 8x to 64 px, a gap between cells
+        assert image.size == (2 * 64 + GAP_PX, 2 * 64 + GAP_PX)
 
 
 def consolidated_weights(step_dir: Path, backend: str) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from arflow.eval.inception import InceptionFeatures, cached_weights_path
 from arflow.eval.sample_set import ImageGenerator
 from arflow.models import ARFlow, architecture_of, save_pretrained
 from arflow.models.vae import load_vae
-from arflow.utils.images import save_grid
+from arflow.utils.images import GAP_GREY, GAP_PX, save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -445,12 +445,14 @@ def test_grid_cells_are_enlarged_and_separated(tmp_path):
     path = save_grid(images.contiguous(), tmp_path / "grid.png", cols=2)
     with Image.open(path) as png:
         grid = np.asarray(png)
-    assert grid.shape == (64 + 2 + 64, 64 + 2 + 64)  # 8 px digits enlarged 8x, 2 px gaps
-    assert (grid[:64, :64] == 50).all() and (grid[:64, 66:] == 100).all()
-    assert (grid[66:, :64] == 150).all() and (grid[66:, 66:] == 0).all()  # empty cell: black
-    assert (grid[64:66] == 255).all() and (grid[:, 64:66] == 255).all()  # white gaps
+    g = GAP_PX
+    assert g >= 2 and GAP_GREY not in (0, 255)  # visible, and unlike black or white strokes
+    assert grid.shape == (64 + g + 64, 64 + g + 64)  # 8 px digits enlarged 8x
+    assert (grid[:64, :64] == 50).all() and (grid[:64, 64 + g :] == 100).all()
+    assert (grid[64 + g :, :64] == 150).all() and (grid[64 + g :, 64 + g :] == 0).all()  # empty
+    assert (grid[64 : 64 + g] == GAP_GREY).all() and (grid[:, 64 : 64 + g] == GAP_GREY).all()
     with Image.open(save_grid(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), path)) as png:
-        assert png.size == (64 + 2 + 64, 64)  # 64 px and larger stay as they are
+        assert png.size == (64 + g + 64, 64)  # 64 px and larger stay as they are
 
 
 def sample_cli():
@@ -497,7 +499,7 @@ def test_sample_cli_reads_the_trainers_own_weights(tmp_path, single_process_env,
         args = ["--classes", "0,1,3", "--steps", "3", "--cols", "3", "--device", "cpu"]
         assert cli.main(["--ckpt", str(ckpt), "--out", str(out), *args]) == 0
         with Image.open(out) as png:
-            assert png.size == (3 * 64 + 2 * 2, 64)  # 8 px enlarged to 64, 2 px gaps
+            assert png.size == (3 * 64 + 2 * GAP_PX, 64)  # 8 px enlarged to 64
     with pytest.raises(FileNotFoundError, match="do not exist"):
         cli.main(["--ckpt", str(tmp_path / "nope"), "--out", str(out), *args])
 

@@ -18,6 +18,7 @@ from arflow.models import (
     load_pretrained,
     save_pretrained,
 )
+from arflow.utils.images import GAP_PX
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,8 +180,8 @@ def test_sample_cli_writes_png_of_expected_size(tmp_path):
     ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     with Image.open(out) as image:
-        # 5 images on a 3-column grid, each 8 px enlarged 8x to 64 px, 2 px between cells
-        assert image.size == (3 * 64 + 2 * 2, 2 * 64 + 2)
+        # 5 images on a 3-column grid, each 8 px enlarged 8x to 64 px, a gap between cells
+        assert image.size == (3 * 64 + 2 * GAP_PX, 2 * 64 + GAP_PX)
         assert image.mode == "RGB"
     first = out.read_bytes()
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)

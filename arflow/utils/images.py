@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 # Images smaller than this are enlarged (nearest neighbour, by an integer factor) in grids, so an
-# 8x8 digit is not a speck; the gap between cells keeps neighbours apart.
+# 8x8 digit is not a speck. The gap between cells is mid-grey so that it stands out both from
+# white strokes on black (the digits) and from photographs' edges.
 MIN_CELL_PX = 64
-GAP_PX = 2
+GAP_PX = 6
+GAP_GREY = 128
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,7 @@ def save_grid(
 ) -> Path:
     """images: uint8 (B, C, H, W), C in (1, 3) -> one PNG, row-major, `cols` per row (default: a
     near-square grid). Cells smaller than `min_cell` px are enlarged by the smallest integer
-    factor that reaches it (nearest neighbour: the pixels stay as sampled); `gap` px of white
+    factor that reaches it (nearest neighbour: the pixels stay as sampled); `gap` px of mid-grey
     separate the cells; empty cells stay black."""
     from PIL import Image
 
@@ -55,7 +57,7 @@ def save_grid(
     cols = cols or math.ceil(math.sqrt(B))
     rows = math.ceil(B / cols)
     canvas = torch.full(
-        (C, rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap), 255, dtype=torch.uint8
+        (C, rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap), GAP_GREY, dtype=torch.uint8
     )
     for i in range(rows * cols):
         top, left = (i // cols) * (H + gap), (i % cols) * (W + gap)
