@@ -5,8 +5,10 @@ rollback; the fresh-run refusal; the write probe and a missing bucket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -318,16 +320,29 @@ def test_unwritable_checkpoint_dir_fails_at_open_naming_it(tmp_path, info):
         manager.open()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_read_only_checkpoint_dir_fails_at_open_naming_it(tmp_path, info):
-    root = tmp_path / "ckpt"
-    root.mkdir()
-    root.chmod(0o500)
+@contextlib.contextmanager
+def without_root():
+    """Run the body with permission checks: as root (CI, containers), under the effective uid
+    of `nobody` (the real uid stays root, so it can be taken back); otherwise as is."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
     try:
-        with pytest.raises(OSError, match=f"{root}.*Permission denied"):
-            CheckpointManager(str(root), info, 3).open()
+        yield
     finally:
-        root.chmod(0o700)
+        os.seteuid(0)
+
+
+def test_read_only_checkpoint_dir_fails_at_open_naming_it(info):
+    # Not under tmp_path: pytest's base directory is private to its owner, and the body may run
+    # as `nobody`, who must reach the directory to be refused by the directory itself.
+    with tempfile.TemporaryDirectory() as parent:
+        os.chmod(parent, 0o755)
+        root = Path(parent) / "ckpt"
+        root.mkdir(mode=0o555)
+        with without_root(), pytest.raises(OSError, match=f"{root}.*Permission denied"):
+            CheckpointManager(str(root), info, 3).open()
 
 
 @pytest.mark.slow  # a moto S3 server
