@@ -233,6 +233,27 @@ def save_tiny(path: Path) -> Path:
     return save_pretrained(model.state_dict(), path, architecture_of(model))
 
 
+TIMINGS = ("seconds", "feature_seconds")
+
+
+def without_timings(result: dict) -> dict:
+    """An evaluation's JSON result without its wall-clock fields (the rest is deterministic)."""
+    return {k: v for k, v in result.items() if k not in TIMINGS}
+
+
+def evaluate_args(config: Path, inception_weights: str) -> list[str]:
+    """launchers/evaluate.py arguments shared by the tests: config, Inception weights, CPU."""
+    return [
+        "--config",
+        str(config),
+        "--inception-weights",
+        inception_weights,
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+
+
 def test_launcher_evaluates_a_weight_file_or_run_dir(
     tmp_path, inception_weights, single_process_env, capsys
 ):
@@ -247,17 +268,7 @@ def test_launcher_evaluates_a_weight_file_or_run_dir(
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file(tiny_model().state_dict(), tmp_path / "plain.safetensors")
     save_tiny(tmp_path / "run" / "ema.safetensors")
-    common = [
-        "--config",
-        str(tmp_path / "config.json"),
-        "--inception-weights",
-        inception_weights,
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--set",
-        "eval.seed=3",
-    ]
+    common = [*evaluate_args(tmp_path / "config.json", inception_weights), "--set", "eval.seed=3"]
     with pytest.raises(ValueError, match="convert it with tools/convert_ckpt.py"):
         evaluate_main(["--ckpt", str(tmp_path / "plain.safetensors"), *common])
     out = tmp_path / "result.json"
@@ -270,10 +281,7 @@ def test_launcher_evaluates_a_weight_file_or_run_dir(
     # A run directory stands for its ema.safetensors; the architecture comes from the file.
     evaluate_main(["--ckpt", str(tmp_path / "run"), *common])
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    timings = ("seconds", "feature_seconds")
-    assert {k: v for k, v in again.items() if k not in timings} == {
-        k: v for k, v in printed.items() if k not in timings
-    }
+    assert without_timings(again) == without_timings(printed)
 
 
 def test_latent_models_are_decoded_with_the_vae(tmp_path, tiny_vae):
@@ -527,13 +535,7 @@ def test_evaluate_launcher_under_torchrun_matches_one_process(tmp_path, inceptio
             str(ROOT / "launchers" / "evaluate.py"),
             "--ckpt",
             str(tmp_path / "run"),
-            "--config",
-            str(tmp_path / "config.json"),
-            "--inception-weights",
-            inception_weights,
-            "--device",
-            "cpu",
-            "--no-progress",
+            *evaluate_args(tmp_path / "config.json", inception_weights),
             "--out",
             str(tmp_path / f"{name}.json"),
             "--save-npz",
@@ -544,8 +546,7 @@ def test_evaluate_launcher_under_torchrun_matches_one_process(tmp_path, inceptio
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    timings = ("seconds", "feature_seconds")
-    two, one = ({k: v for k, v in r.items() if k not in timings} for r in results.values())
+    two, one = (without_timings(r) for r in results.values())
     assert two.keys() == one.keys() and two["num_samples"] == 4 and two["fid"] is one["fid"] is None
     for key in ("inception_score", "inception_score_std"):
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
@@ -562,16 +563,28 @@ for name in ("torch_fidelity", "scipy", "diffusers"):
 """
 
 
+def without_eval_extras(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where the eval and vae extras cannot be imported."""
+    from test_distributed import env
+
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_EVAL_EXTRAS + code],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.mark.slow
 def test_training_and_sampling_need_no_evaluation_extras(tmp_path):
     """With only the `train` extra (no torch-fidelity, scipy or diffusers), a run trains,
     writes its EMA grid and weights, and launchers/sample.py samples them."""
-    from test_distributed import env, tiny_config
+    from test_distributed import tiny_config
 
     cfg = tiny_config(tmp_path, "ddp", train={"steps": 2})
-    script = (
-        BLOCK_EVAL_EXTRAS
-        + f"""
+    proc = without_eval_extras(f"""
 from arflow.config import load_config
 from arflow.train import run
 assert run(load_config({str(cfg)!r})) == "done"
@@ -579,16 +592,7 @@ import runpy
 sys.argv = ["sample.py", "--ckpt", {str(tmp_path / "run")!r}, "--classes", "0,1",
             "--steps", "2", "--out", {str(tmp_path / "grid.png")!r}, "--device", "cpu"]
 runpy.run_path({str(ROOT / "launchers" / "sample.py")!r}, run_name="__main__")
-"""
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+""")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "samples" / "ema_step_000000002.png").exists()
     assert (tmp_path / "grid.png").exists()
@@ -597,20 +601,9 @@ runpy.run_path({str(ROOT / "launchers" / "sample.py")!r}, run_name="__main__")
     with_eval["eval"] = {"every": 1000, "num_samples": 2, "is_splits": 1}
     with_eval["run"]["dir"] = str(tmp_path / "run_with_eval")
     cfg.write_text(json.dumps(with_eval))
-    script = (
-        BLOCK_EVAL_EXTRAS
-        + f"""
+    proc = without_eval_extras(f"""
 from arflow.config import load_config
 from arflow.train import run
 run(load_config({str(cfg)!r}))
-"""
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+""")
     assert proc.returncode != 0 and "pip install 'arflow[eval]'" in proc.stderr

@@ -89,6 +89,18 @@ def test_reference_from_shards_folder_and_npz_agree(image_sets, single_process_e
     assert abs(result["fid"]) < 1e-6
 
 
+def fid_distance(a: Path, b: Path, **env: str) -> subprocess.CompletedProcess:
+    """`tools/fid.py distance a b` on the CPU, in a subprocess (extra environment in env)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools/fid.py"), "distance", str(a), str(b), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+
+
 def test_distance_script_prints_json(tmp_path):
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((2, 50, 16))
@@ -96,21 +108,7 @@ def test_distance_script_prints_json(tmp_path):
     for name, x in (("a.npz", a), ("b.npz", b + 1)):
         np.savez(tmp_path / name, mu=x.mean(0), sigma=np.cov(x, rowvar=False))
         stats.append((x.mean(0), np.cov(x, rowvar=False)))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools/fid.py"),
-            "distance",
-            str(tmp_path / "a.npz"),
-            str(tmp_path / "b.npz"),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    proc = fid_distance(tmp_path / "a.npz", tmp_path / "b.npz")
     assert proc.returncode == 0, proc.stderr
     fid = json.loads(proc.stdout)["fid"]
     assert fid == pytest.approx(frechet_distance(*stats[0], *stats[1]), rel=1e-9)
@@ -146,22 +144,7 @@ def test_distance_names_a_missing_file_before_any_download(tmp_path):
     np.savez(tmp_path / "b.npz", mu=rng.standard_normal(4), sigma=np.eye(4))
     home = tmp_path / "torch_home"
     home.mkdir()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools/fid.py"),
-            "distance",
-            str(tmp_path / "typo.npz"),
-            str(tmp_path / "b.npz"),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "TORCH_HOME": str(home)},
-        timeout=120,
-    )
+    proc = fid_distance(tmp_path / "typo.npz", tmp_path / "b.npz", TORCH_HOME=str(home))
     assert proc.returncode == 2, proc.stderr  # an argument error
     assert f"{tmp_path / 'typo.npz'} does not exist" in proc.stderr
     assert "manifest" not in proc.stderr and "download" not in proc.stderr.lower()
