@@ -54,7 +54,7 @@ from arflow.config import Config, ConfigError, ModelConfig
 from arflow.distributed.env import DistInfo
 from arflow.distributed.run_lock import LocalLock, run_lock
 from arflow.models.pretrained import EMA_FILE, weights_bytes
-from arflow.utils.integrity import FileRecorder, list_files, verify_files
+from arflow.utils.integrity import FileRecorder, file_record, list_files, verify_files
 from arflow.utils.safe_load import CorruptFileError, load_torch_file
 
 META = "meta.json"
@@ -337,8 +337,12 @@ class CheckpointManager:
             )
 
         def choose():
+            if resume == "auto":
+                return self.candidates()
+            if resume is not None:
+                return _explicit_candidates(resume, self.storage_options, self.info)
             existing = self.complete_steps()
-            if resume is None and existing:
+            if existing:
                 if not overwrite:
                     raise CheckpointDirInUse(
                         f"checkpoint.dir {self.url} already holds complete checkpoints (steps "
@@ -351,11 +355,7 @@ class CheckpointManager:
                 if self.fs.exists(self._path(HEAD)):
                     self.fs.rm_file(self._path(HEAD))
                 _loud(None, f"--overwrite: deleted checkpoints {existing} in {self.url}")
-            if resume is None:
-                return []
-            if resume == "auto":
-                return self.candidates()
-            return _explicit_candidates(resume, self.storage_options, self.info)
+            return []
 
         candidates = main_then_share(self.info, choose)
         found = self._first_intact(candidates, explicit=resume not in (None, "auto"))
@@ -476,8 +476,9 @@ class CheckpointManager:
             for r in every:
                 files.update(r)
             if self.local:  # files a library wrote by itself: hashed once, read back
-                rest = [f for f in list_files(target) if f not in files]
-                files.update(_hash_local(target, rest))
+                for rel in list_files(target):
+                    if rel not in files:
+                        files[rel] = file_record(os.path.join(target, rel))
             meta = {
                 "arflow_checkpoint_version": VERSION,
                 "step": step,
@@ -549,12 +550,6 @@ def _inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
-def _hash_local(root: str, rels: list[str]) -> dict:
-    from arflow.utils.integrity import file_record
-
-    return {rel: file_record(os.path.join(root, rel)) for rel in rels}
-
-
 def write_atomic(fs, path: str, payload: bytes) -> None:
     """A file that appears whole or not at all: local files are written under a temporary
     name, fsync'd and renamed (then the directory fsync'd); an object-store put is atomic."""
@@ -589,10 +584,9 @@ def find_checkpoint(url: str, storage_options: dict | None = None) -> Found:
     `--resume auto` would take there). Not fetched yet."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     path = path.rstrip("/")
-    if fs.exists(f"{path}/{META}"):
-        meta = read_meta(fs, path, url.rstrip("/"))
-        url = path if _is_local(fs) else url.rstrip("/")
-        return Found(meta["step"], url, meta, storage_options or {})
+    found = _step_dir(fs, path, url, storage_options)
+    if found is not None:
+        return found
     if not fs.exists(path):
         raise FileNotFoundError(f"checkpoint {url} does not exist")
     found = CheckpointManager(url, None, storage_options=storage_options).latest()
@@ -601,10 +595,20 @@ def find_checkpoint(url: str, storage_options: dict | None = None) -> Found:
     return found
 
 
+def _step_dir(fs, path: str, url: str, storage_options: dict | None) -> Found | None:
+    """The checkpoint at `path` when it is a complete step directory, else None."""
+    path, url = path.rstrip("/"), url.rstrip("/")
+    if not fs.exists(f"{path}/{META}"):
+        return None
+    meta = read_meta(fs, path, url)
+    return Found(meta["step"], path if _is_local(fs) else url, meta, storage_options or {})
+
+
 def _explicit_candidates(url: str, storage_options: dict, info) -> list[Found]:
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    if fs.exists(f"{path.rstrip('/')}/{META}"):
-        return [find_checkpoint(url, storage_options)]
+    found = _step_dir(fs, path, url, storage_options)
+    if found is not None:
+        return [found]
     if not fs.exists(path):
         raise FileNotFoundError(f"--resume {url}: no such checkpoint")
     found = CheckpointManager(url, info, storage_options=storage_options).candidates()
@@ -613,7 +617,7 @@ def _explicit_candidates(url: str, storage_options: dict, info) -> list[Found]:
     return found
 
 
-def fetch(found: Found, info: DistInfo | None = None) -> None:
+def fetch(found: Found) -> None:
     """Make `found` readable on this rank: a local path as it is, a remote one downloaded into
     a temporary directory (per rank), deleted by `found.release()`."""
     if found.local is not None:
@@ -642,7 +646,7 @@ def verify(found: Found, info: DistInfo | None = None) -> list[str]:
         ]
     error = None
     try:
-        fetch(found, info)
+        fetch(found)
     except OSError as err:
         error = f"cannot download: {err}"
     errors = gather_errors(info, error)

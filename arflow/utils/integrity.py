@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Iterable
@@ -206,8 +207,6 @@ def verify_listed(path: str) -> None:
     manifest = os.path.join(directory, MANIFEST)
     if not os.path.isfile(manifest):
         return
-    import json
-
     try:
         with open(manifest) as f:
             files = json.load(f).get("files", {})
