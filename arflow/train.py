@@ -214,7 +214,7 @@ class Trainer:
     # ------------------------------------------------------------------------ checkpoints
     def save(self) -> str:
         t0 = time.perf_counter()
-        ema = self.full_model(self.ema.shadow)  # collective; rank 0 writes it
+        ema = self.ema_model()  # collective; rank 0 writes it
         url = self.ckpt.save(
             self.step,
             write_state=self.backend.save_state,

@@ -99,10 +99,11 @@ class PreemptionSignals:
         name = signal.Signals(signum).name
         status = 128 + signum
         rank = os.environ.get("RANK")  # set by the launchers (by init_distributed for python)
+        prefix = f"rank {rank}: " if rank else ""
         # os.write, not print: the main thread may hold sys.stderr's lock.
         os.write(
             2,
-            f"{f'rank {rank}: ' if rank else ''}{name} received during start-up, before the first training step: "
+            f"{prefix}{name} received during start-up, before the first training step: "
             f"exiting with status {status}; nothing was trained since the latest checkpoint, "
             f"so resuming loses nothing\n".encode(),
         )
