@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as metadata
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def environment() -> dict:
     report = {
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "cuda_available": cuda,
         "torch_cuda": torch.version.cuda,
         "packages": {name: _version(name) for name in PACKAGES},

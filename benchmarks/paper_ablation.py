@@ -65,7 +65,7 @@ from arflow.eval.statistics import frechet_distance
 from arflow.flow.samplers import SamplerConfig, sample
 from arflow.flow.transport import training_loss
 from arflow.models import ARFlow
-from arflow.utils.digits_demo import digit_classifier, to_digit_features
+from arflow.utils.digits_demo import digit_classifier, digit_halves, to_digit_features
 from arflow.utils.schedule import lr_at
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_cpu.json"
@@ -149,15 +149,12 @@ class Judge:
 
     def __init__(self, seed: int = 0):
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
 
         self.svm, self.svm_accuracy = digit_classifier(seed)
-        digits = load_digits()
-        pixels = digits.images.reshape(-1, 64).astype(np.float32) / 16  # [0, 1]
+        pixels = load_digits().images.reshape(-1, 64).astype(np.float32) / 16  # [0, 1]
         # The same split as digit_classifier's, so both classifiers hold out the same half.
-        x_train, x_test, y_train, y_test = train_test_split(
-            pixels, digits.target, test_size=0.5, random_state=seed, stratify=digits.target
-        )
+        x_train, x_test, y_train, y_test = digit_halves(seed)
+        x_train, x_test = (x.reshape(-1, 64).astype(np.float32) / 16 for x in (x_train, x_test))
         self.net, self.net_accuracy = self.train_feature_net(x_train, y_train, x_test, y_test, seed)
         self.real = {"pixels": self.stats(pixels), "features": self.stats(self.embed(pixels))}
         self.floor = {

@@ -143,6 +143,7 @@ def worker(args) -> None:
     from arflow.distributed.parallelize import build_backend, compile_enabled
     from arflow.flow.transport import training_loss
     from arflow.models import ARFlow
+    from arflow.utils.metrics import peak_memory_gb
     from arflow.utils.synthetic import SyntheticLoader
 
     cfg = load_config(args.config, args.set + ["data.url=synthetic", "logging.wandb=false"])
@@ -219,11 +220,9 @@ def worker(args) -> None:
             peak = next((p for k, p in BF16_PEAK if k in result["device"]), None)
             result["peak_tflops_per_gpu"] = peak / 1e12 if peak else None
             result["mfu"] = flops * images / step_time / (peak * info.world_size) if peak else None
-            result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            result["peak_memory_gb"] = peak_memory_gb(info.device)
             result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
         else:
-            from arflow.utils.metrics import peak_memory_gb
-
             result["peak_rss_gb"] = peak_memory_gb(info.device)
         print("RESULT " + json.dumps(result), flush=True)
     shutdown()

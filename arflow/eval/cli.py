@@ -13,7 +13,7 @@ import json
 
 import torch.distributed as dist
 
-from ..config import apply_overrides, config_from_dict, load_config
+from ..config import ParallelConfig, apply_overrides, config_from_dict, load_config
 from ..distributed.env import DistInfo, init_distributed, shutdown
 from ..distributed.failure import FailureWatch
 from ..models import load_pretrained
@@ -42,7 +42,7 @@ PROTOCOLS["paper-cfg"] = [*PROTOCOLS["paper"], "eval.sampler.cfg_scale=1.5"]
 
 
 @contextlib.contextmanager
-def _process_group(device: str, timeout_s: float = 1800):
+def _process_group(device: str, timeout_s: float = ParallelConfig.collective_timeout_s):
     """Join the job's process group for one command and leave it; with several ranks, a rank
     that fails stops the others within seconds instead of leaving them in a collective."""
     info: DistInfo = init_distributed(device, timeout_s)

@@ -27,17 +27,23 @@ from arflow.models import load_pretrained
 from arflow.utils.images import grid_pixels, save_grid
 
 
-def digit_classifier(seed: int = 0):
-    """SVM on half of scikit-learn's digits (+ mirror images); returns (classifier, held-out accuracy)."""
+def digit_halves(seed: int = 0):
+    """scikit-learn's digits ((N, 8, 8) grey, 0..16) split into two halves stratified by class:
+    (x_train, x_test, y_train, y_test). The same `seed` gives the same split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from sklearn.svm import SVC
 
     digits = load_digits()
-    images, labels = digits.images, digits.target
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=0.5, random_state=seed, stratify=labels
+    return train_test_split(
+        digits.images, digits.target, test_size=0.5, random_state=seed, stratify=digits.target
     )
+
+
+def digit_classifier(seed: int = 0):
+    """SVM on half of scikit-learn's digits (+ mirror images); returns (classifier, held-out accuracy)."""
+    from sklearn.svm import SVC
+
+    x_train, x_test, y_train, y_test = digit_halves(seed)
     x_train = np.concatenate([x_train, x_train[:, :, ::-1]])
     y_train = np.concatenate([y_train, y_train])
     x_test = np.concatenate([x_test, x_test[:, :, ::-1]])
