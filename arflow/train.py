@@ -12,6 +12,7 @@ good checkpoint stays the latest).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from arflow.distributed.checkpoint import (
     CheckpointManager,
     Found,
     check_compatible,
+    main_then_share,
 )
 from arflow.distributed.ema import EMA, local_shard
 from arflow.distributed.env import DistInfo, init_distributed, shutdown
@@ -121,6 +123,8 @@ def build_loader(cfg: Config, info: DistInfo):
             connect_timeout=d.storage_connect_timeout,
             read_timeout=d.storage_read_timeout,
         ),
+        # rank 0 reads the manifest and lists the shards for the world, not every rank
+        share=functools.partial(main_then_share, info),
     )
     manifest = loader.manifest
     expected = (m.in_channels, m.input_size, m.input_size)
