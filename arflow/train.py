@@ -12,6 +12,7 @@ good checkpoint stays the latest).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from arflow.checkpoint import CheckpointError, CheckpointManager, Found, check_compatible
 from arflow.config import Config, ConfigError
 from arflow.distributed.backend import Backend, StepResult, resolve_precision
+from arflow.distributed.collectives import main_then_share
 from arflow.distributed.ema import EMA, local_shard
 from arflow.distributed.env import DistInfo, init_distributed, shutdown
 from arflow.distributed.failure import FailureWatch
@@ -123,6 +125,8 @@ def build_loader(cfg: Config, info: DistInfo):
         min_per_class=d.min_per_class,
         max_bad_samples=d.max_bad_samples,
         retry=storage_retry(cfg),
+        # rank 0 reads the manifest and lists the shards for the world, not every rank
+        share=functools.partial(main_then_share, info),
     )
     manifest = loader.manifest
     expected = (m.in_channels, m.input_size, m.input_size)
