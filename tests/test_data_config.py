@@ -3,8 +3,8 @@ and its count, and the storage timeouts (a silent S3 endpoint fails within about
 
 from __future__ import annotations
 
-import json
 import gc
+import json
 import logging
 import shutil
 import socket
