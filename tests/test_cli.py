@@ -243,6 +243,38 @@ def test_a_missing_extra_is_named_with_its_pip_command(tmp_path):
     assert proc.stderr.strip() == expected
 
 
+def test_the_base_install_converts_samples_and_explains_configs(tmp_path):
+    """With no extra installed (every optional module unimportable), a release checkpoint
+    converts, the result samples, and `arflow config` reads a shipped config."""
+    import torch
+    from tiny_models import tiny_model
+
+    torch.save(tiny_model(seed=1, num_classes=10).state_dict(), tmp_path / "release.pt")
+    commands = [
+        ["convert", "--from-official", "release.pt", "--out", "m.safetensors"],
+        ["sample", "--ckpt", "m.safetensors", "--classes", "0,1", "--steps", "2"]
+        + ["--sampler", "euler", "--device", "cpu", "--out", "grid.png"],
+        ["config", "--config", "xl_256"],
+    ]
+    code = (
+        "import json, sys\n"
+        f"for name in {sorted(OPTIONAL_MODULES)!r}:\n"
+        "    sys.modules[name] = None\n"
+        "from arflow.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    assert main(argv) == 0, argv\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(commands)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "grid.png").exists() and "train.steps = 400000" in proc.stdout
+
+
 def test_the_extras_named_in_messages_install_those_packages():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"

@@ -97,19 +97,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             "give exactly one source: a trainer checkpoint directory or --from-official FILE"
         )
-    from arflow.distributed.checkpoint import CheckpointError
     from arflow.utils.safe_load import CorruptFileError, UnsafeCheckpointError
 
+    expected = [CorruptFileError, UnsafeCheckpointError, FileNotFoundError, ValueError, KeyError]
+    if args.ckpt:  # only trainer checkpoints need the checkpoint code (and fsspec, `data` extra)
+        from arflow.distributed.checkpoint import CheckpointError
+
+        expected.append(CheckpointError)
     try:
         convert(args)
-    except (
-        CheckpointError,
-        CorruptFileError,
-        UnsafeCheckpointError,
-        FileNotFoundError,
-        ValueError,
-        KeyError,
-    ) as err:
+    except tuple(expected) as err:
         print(f"arflow convert: error: {err}", file=sys.stderr)
         return 1
     return 0
