@@ -89,10 +89,14 @@ def write_digits(out: str, image_size: int) -> None:
 
 def train(config: str, overrides: list[str], processes: int) -> int:
     """Step 2: the training job under the deepspeed launcher; returns its exit status."""
+    from arflow.distributed.env import free_port
+
     command = [
         sys.executable,
         "-m",
         "deepspeed.launcher.runner",  # the `deepspeed` command, from this interpreter
+        "--master_port",  # not the fixed default: another job on this machine may hold it
+        str(free_port()),
         "--num_gpus",
         str(processes),
         "--module",
@@ -104,7 +108,7 @@ def train(config: str, overrides: list[str], processes: int) -> int:
         "--resume",
         "auto",
     ]
-    print("$ deepspeed " + " ".join(command[4:]), flush=True)
+    print("$ deepspeed " + " ".join(command[3:]), flush=True)
     return subprocess.run(command).returncode
 
 
