@@ -154,13 +154,14 @@ class DataConfig:
     """Unreadable samples skipped per rank (its workers together) before the run stops; counted
     since the start (or a resume on another layout) and logged as data_bad_samples."""
     storage_connect_timeout: float = 5.0
-    """Object storage: seconds to wait for a connection. With the storage defaults an endpoint
-    that accepts connections but never answers fails within about a minute."""
+    """Object storage (data, checkpoints and the run lock alike): seconds to wait for a
+    connection. With the storage defaults an endpoint that accepts connections but never answers
+    fails within about a minute."""
     storage_read_timeout: float = 10.0
     """Object storage: seconds to wait for each answer."""
     storage_attempts: int = 5
-    """Object storage: attempts per request, retried with backoff 0.5, 1, 2, 4 s (each retry is
-    logged at once)."""
+    """Object storage: attempts per request, retried after about 0.5, 1, 2, 4 s with jitter,
+    longer when the store asks with Retry-After (each retry is logged at once)."""
 
 
 @dataclass
@@ -254,6 +255,10 @@ class CheckpointConfig:
     """Steps between checkpoints; 0 saves only at the end and on SIGTERM / SIGUSR1."""
     keep_last: int = 3
     """Checkpoints of the current lineage kept; older ones are deleted after a save."""
+    async_save: bool = True
+    """Write checkpoints in the background: training waits only while the state is copied to
+    host memory (about the checkpoint's size in host RAM per save in flight); false writes in
+    the foreground."""
 
 
 @dataclass

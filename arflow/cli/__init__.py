@@ -27,7 +27,6 @@ OPTIONAL_MODULES = {
     "scipy": ("scipy", "eval"),
     "diffusers": ("diffusers", "vae"),
     "webdataset": ("webdataset", "data"),
-    "fsspec": ("fsspec", "data"),
     "s3fs": ("s3fs", "data"),
     "sklearn": ("scikit-learn", "data"),
     "deepspeed": ("deepspeed", "train"),

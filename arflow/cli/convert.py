@@ -79,7 +79,7 @@ def convert(args: argparse.Namespace) -> Path:
     if args.from_official:
         state, arch, config = _official(args)
     else:
-        from arflow.distributed.export import read_trainer_checkpoint
+        from arflow.checkpoint.export import read_trainer_checkpoint
 
         state, arch, config = read_trainer_checkpoint(args.ckpt, use_ema=not args.no_ema)
     out = Path(args.out)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     expected = [CorruptFileError, UnsafeCheckpointError, FileNotFoundError, ValueError, KeyError]
     if args.ckpt:  # only trainer checkpoints need the checkpoint code (and fsspec, `data` extra)
-        from arflow.distributed.checkpoint import CheckpointError
+        from arflow.checkpoint import CheckpointError
 
         expected.append(CheckpointError)
     try:
