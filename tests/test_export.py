@@ -1,7 +1,7 @@
 """Self-describing weight files, public-release import and the sampling CLI."""
 
 import argparse
-import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tiny_models import sequence, tiny_model
 
+from arflow.cli import main as arflow
 from arflow.models import (
     ARFlow,
     architecture_of,
@@ -23,14 +24,17 @@ from arflow.utils.images import GAP_PX
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_tool(relpath: str):
-    spec = importlib.util.spec_from_file_location(Path(relpath).stem, ROOT / relpath)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def convert(*argv: str) -> int:
+    """`arflow convert ARGV`: its exit status."""
+    return arflow(["convert", *argv])
 
 
-convert_ckpt = load_tool("tools/convert_ckpt.py")
+def convert_error(capsys, *argv: str) -> str:
+    """`arflow convert ARGV` expected to fail: its one-line error (status 1, nothing written)."""
+    assert convert(*argv) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("arflow convert: error: "), err
+    return err.splitlines()[-1]
 
 
 def test_save_and_load_pretrained_roundtrip(tmp_path):
@@ -98,7 +102,7 @@ def release_checkpoint(tmp_path, layout: str) -> tuple[Path, ARFlow]:
 def test_official_import_gives_equal_outputs(tmp_path, layout, capsys):
     path, expected = release_checkpoint(tmp_path, layout)
     out = tmp_path / "imported.safetensors"
-    convert_ckpt.main(["--from-official", str(path), "--out", str(out)])
+    assert convert("--from-official", str(path), "--out", str(out)) == 0
     assert "inferred architecture (custom)" in capsys.readouterr().err
     model = load_pretrained(out)
     x, t, y = sequence()
@@ -109,7 +113,7 @@ def test_official_import_no_ema_and_to_pt(tmp_path):
     path, _ = release_checkpoint(tmp_path, "training")
     raw = tiny_model(seed=8, num_classes=10)
     out = tmp_path / "raw.pt"
-    convert_ckpt.main(["--from-official", str(path), "--no-ema", "--to-pt", "--out", str(out)])
+    assert convert("--from-official", str(path), "--no-ema", "--to-pt", "--out", str(out)) == 0
     state = torch.load(out, weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in raw.state_dict().items())
 
@@ -117,18 +121,17 @@ def test_official_import_no_ema_and_to_pt(tmp_path):
 def test_official_import_overrides(tmp_path):
     path, _ = release_checkpoint(tmp_path, "plain")
     out = tmp_path / "m.safetensors"
-    convert_ckpt.main(
-        [
-            "--from-official",
-            str(path),
-            "--out",
-            str(out),
-            "--arch-num-classes",
-            "11",
-            "--arch-class-dropout-prob",
-            "0",
-        ]
+    status = convert(
+        "--from-official",
+        str(path),
+        "--out",
+        str(out),
+        "--arch-num-classes",
+        "11",
+        "--arch-class-dropout-prob",
+        "0",
     )
+    assert status == 0
     assert load_pretrained(out).num_classes == 11
 
 
@@ -142,12 +145,14 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_pickle_needing_code_is_refused_not_run(tmp_path):
+def test_pickle_needing_code_is_refused_not_run(tmp_path, capsys):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"model": tiny_model().state_dict(), "extra": Payload(marker)}, path)
-    with pytest.raises(ValueError, match="needs arbitrary code to unpickle"):
-        convert_ckpt.main(["--from-official", str(path), "--out", str(tmp_path / "x.safetensors")])
+    err = convert_error(
+        capsys, "--from-official", str(path), "--out", str(tmp_path / "x.safetensors")
+    )
+    assert "needs arbitrary code to unpickle" in err
     assert not marker.exists()
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -191,10 +196,9 @@ def test_sample_cli_writes_png_of_expected_size(tmp_path):
 def test_sample_cli_rejects_bad_classes(tmp_path):
     model = tiny_model(num_classes=10)
     ckpt = save_pretrained(model.state_dict(), tmp_path / "m.safetensors", architecture_of(model))
-    sample_cli = load_tool("launchers/sample.py")
     with pytest.raises(SystemExit, match=r"--classes \[12\] out of range"):
-        sample_cli.main(
-            ["--ckpt", str(ckpt), "--classes", "1,12", "--out", str(tmp_path / "g.png")]
+        arflow(
+            ["sample", "--ckpt", str(ckpt), "--classes", "1,12", "--out", str(tmp_path / "g.png")]
         )
 
 
@@ -245,7 +249,7 @@ def test_load_pretrained_names_a_corrupt_file(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbled"])
-def test_convert_reports_a_corrupt_file_as_corrupt(tmp_path, damage):
+def test_convert_reports_a_corrupt_file_as_corrupt(tmp_path, damage, capsys):
     path, _ = release_checkpoint(tmp_path, "plain")
     data = bytearray(path.read_bytes())
     if damage == "truncated":
@@ -253,9 +257,10 @@ def test_convert_reports_a_corrupt_file_as_corrupt(tmp_path, damage):
     else:
         data[40:200] = bytes(160)  # zeroed inside the pickle
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=f"{path} is corrupt") as info:
-        convert_ckpt.main(["--from-official", str(path), "--out", str(tmp_path / "x.safetensors")])
-    assert "arbitrary code" not in str(info.value)
+    err = convert_error(
+        capsys, "--from-official", str(path), "--out", str(tmp_path / "x.safetensors")
+    )
+    assert f"{path} is corrupt" in err and "arbitrary code" not in err
 
 
 def test_causal_softmax_architecture_round_trip(tmp_path):
@@ -269,10 +274,10 @@ def test_causal_softmax_architecture_round_trip(tmp_path):
     assert torch.equal(load_pretrained(path)(x, t, y), model(x, t, y))
 
 
-def test_convert_a_trainer_checkpoint_and_name_its_damage(tmp_path):
+def test_convert_a_trainer_checkpoint_and_name_its_damage(tmp_path, capsys):
     """A checkpoint written by the checkpoint component converts to a file load_pretrained reads;
     a damaged one is reported with the file and step, not converted."""
-    from arflow.checkpoint import CheckpointError, CheckpointManager
+    from arflow.checkpoint import CheckpointManager
     from arflow.distributed.env import DistInfo
 
     model = tiny_model(seed=4)
@@ -289,7 +294,7 @@ def test_convert_a_trainer_checkpoint_and_name_its_damage(tmp_path):
         config=config,
     )
     out = tmp_path / "converted.safetensors"
-    convert_ckpt.main([str(tmp_path / "ckpt"), "--out", str(out)])
+    assert convert(str(tmp_path / "ckpt"), "--out", str(out)) == 0
     x, t, y = sequence()
     assert torch.equal(load_pretrained(out)(x, t, y), model(x, t, y))
     assert torch.equal(load_pretrained(step_dir)(x, t, y), model(x, t, y))
@@ -298,6 +303,6 @@ def test_convert_a_trainer_checkpoint_and_name_its_damage(tmp_path):
     data = bytearray(ema.read_bytes())
     data[-4] ^= 0x01
     ema.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"\(step 7\) is damaged: ema.safetensors: checksum"):
-        convert_ckpt.main([step_dir, "--out", str(tmp_path / "again.safetensors")])
+    err = convert_error(capsys, step_dir, "--out", str(tmp_path / "again.safetensors"))
+    assert re.search(r"\(step 7\) is damaged: ema.safetensors: checksum", err), err
     assert not (tmp_path / "again.safetensors").exists()
