@@ -217,14 +217,12 @@ class ARFlow(nn.Module):
             new_states.append(state)
         return tokens, tuple(new_states)
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, form: str = "parallel"
-    ) -> torch.Tensor:
-        """Velocity for a whole sequence.
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Velocity for a whole sequence, every attention in its parallel form (the test
+        reference with naive attentions is `arflow.models.naive.forward`).
 
         x: (B, S, C, H, W) images, noisier first; t: (B, S) noise levels in [0, 1] (1 = data);
-        y: (B,) class labels -> (B, S, C, H, W). `form` picks the attention form ("parallel"
-        or "naive"; the latter is the slow test reference).
+        y: (B,) class labels -> (B, S, C, H, W).
 
         Labels on the CPU are range-checked here (free). Labels on an accelerator are not: that
         would be a host sync per call and a graph break under torch.compile; the training data
@@ -234,7 +232,7 @@ class ARFlow(nn.Module):
         if y.device.type == "cpu" and not torch.compiler.is_compiling():
             self.check_labels(y)
         tokens, c = self.embed(x, t, y)
-        tokens, _ = self.run_blocks(tokens, c, [None] * len(self.blocks), form)
+        tokens, _ = self.run_blocks(tokens, c, [None] * len(self.blocks), "parallel")
         return self.unpatchify(self.final_layer(tokens, c))
 
     def step(
