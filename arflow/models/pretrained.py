@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils.integrity import MANIFEST, HashingWriter, verify_listed
+from ..storage.hashing import MANIFEST, HashingWriter, verify_listed
 from ..utils.safe_load import CorruptFileError, UnsafeCheckpointError, load_torch_file
 from .arflow import ARFlow
 from .hub import (
