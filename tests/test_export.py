@@ -1,6 +1,9 @@
-"""Self-describing weight files, public-release import and the sampling CLI."""
+"""Weight files in both formats (one self-describing .safetensors, a Hugging Face Hub folder),
+the check of their metadata against their tensors, public-release import and the sampling CLI."""
 
 import argparse
+import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +22,8 @@ from arflow.models import (
     load_pretrained,
     save_pretrained,
 )
+from arflow.models.hub import card_text, last_evaluation
+from arflow.models.pretrained import ARCH_KEY, save_hub_folder
 from arflow.utils.images import GAP_PX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +60,7 @@ def test_save_pretrained_refuses_a_state_that_does_not_fit(tmp_path):
     model = tiny_model()
     state = model.state_dict()
     del state["blocks.1.attn.gt_proj.weight"]
-    with pytest.raises(RuntimeError, match="gt_proj"):
+    with pytest.raises(ValueError, match=r"1 missing key\(s\): blocks.1.attn.gt_proj.weight"):
         save_pretrained(state, tmp_path / "m.safetensors", architecture_of(model))
     assert not list(tmp_path.iterdir())
 
@@ -306,3 +311,243 @@ def test_convert_a_trainer_checkpoint_and_name_its_damage(tmp_path, capsys):
     err = convert_error(capsys, step_dir, "--out", str(tmp_path / "again.safetensors"))
     assert re.search(r"\(step 7\) is damaged: ema.safetensors: checksum", err), err
     assert not (tmp_path / "again.safetensors").exists()
+
+
+# ------------------------------------------------------------------ metadata against tensors
+def run_python(code: str, **env: str) -> str:
+    """`code` in a fresh interpreter (tests/ on its path), with extra environment variables;
+    returns its stdout."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), **env}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=environment,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def with_metadata(tmp_path, **arch_changes) -> Path:
+    """A small model's tensors in a file whose architecture metadata says otherwise."""
+    from safetensors.torch import save_file
+
+    model = tiny_model()
+    arch = {**architecture_of(model), **arch_changes}
+    path = tmp_path / "lying.safetensors"
+    save_file(model.state_dict(), str(path), metadata={ARCH_KEY: json.dumps(arch)})
+    return path
+
+
+def test_metadata_claiming_a_huge_model_is_refused_before_allocation(tmp_path):
+    """Depth 64 x width 32768 (1.3e12 parameters) over a 2-block, 32-wide file: refused from
+    the header, with the differing keys and shapes, and the process's peak memory barely
+    moves."""
+    path = with_metadata(tmp_path, depth=64, hidden_size=32768)
+    out = run_python(
+        f"""
+import json, resource, time
+from arflow.models import load_pretrained
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+try:
+    load_pretrained({str(path)!r})
+except ValueError as err:
+    message = str(err)
+print(json.dumps(dict(
+    message=message,
+    seconds=time.perf_counter() - start,
+    growth_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before,
+)))
+"""
+    )
+    result = json.loads(out)
+    message = result["message"]
+    assert f"{path} does not hold the model its metadata describes" in message
+    assert '"depth": 64' in message and '"hidden_size": 32768' in message
+    assert (
+        "shape(s) differ: pos_embed: the architecture implies (1, 16, 32768), the weights hold "
+        "(1, 16, 32); x_embedder.proj.weight: the architecture implies (32768, 3, 2, 2)" in message
+    )
+    assert "12 missing key(s): blocks.2.attn.q_proj.weight, " in message
+    assert message.endswith("Blocks 3 to 63 are missing too.")
+    assert result["growth_kib"] < 64 * 1024, result  # the claimed model: 5 TB in fp32
+    assert result["seconds"] < 30, result
+
+
+def test_metadata_that_disagrees_with_one_tensor_names_key_and_shapes(tmp_path):
+    path = with_metadata(tmp_path, num_classes=7)  # the file's table has 5 + 1 rows
+    with pytest.raises(ValueError) as info:
+        load_pretrained(path)
+    message = str(info.value)
+    assert (
+        "1 shape(s) differ: y_embedder.embedding_table.weight: the architecture implies "
+        "(8, 32), the weights hold (6, 32)" in message
+    )
+    assert "missing" not in message and "unexpected" not in message
+    assert "Missing key(s)" not in message  # torch's load_state_dict never got this far
+
+
+def test_metadata_that_builds_no_model_is_named(tmp_path):
+    path = with_metadata(tmp_path, num_heads=3)  # 32 channels do not split into 3 heads
+    with pytest.raises(ValueError, match=r"its architecture .* builds no model: hidden size 32"):
+        load_pretrained(path)
+
+
+# --------------------------------------------------------------------------- Hub folders
+def test_hub_folder_round_trip_offline(tmp_path):
+    """save_pretrained then from_pretrained with HF_HUB_OFFLINE=1: equal outputs; the folder
+    is config.json (the constructor arguments), model.safetensors and a model card."""
+    folder = tmp_path / "hub"
+    out = run_python(
+        f"""
+import json, torch
+from tiny_models import sequence, tiny_model
+from arflow.models import ARFlow, architecture_of
+model = tiny_model(seed=5, attention="causal_softmax")
+model.save_pretrained({str(folder)!r})
+loaded = ARFlow.from_pretrained({str(folder)!r})
+x, t, y = sequence()
+print(json.dumps(dict(
+    equal=torch.equal(loaded(x, t, y), model(x, t, y)),
+    training=loaded.training,
+    arch=architecture_of(loaded) == architecture_of(model),
+)))
+""",
+        HF_HUB_OFFLINE="1",
+    )
+    assert json.loads(out) == {"equal": True, "training": False, "arch": True}
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["attention"] == "causal_softmax" and config["hidden_size"] == 32
+
+
+def test_without_huggingface_hub_the_model_works_and_says_what_to_install(tmp_path):
+    out = run_python(
+        f"""
+import sys
+sys.modules["huggingface_hub"] = None  # as if not installed
+import torch
+from tiny_models import sequence, tiny_model
+from arflow.models import architecture_of, load_pretrained, save_pretrained
+model = tiny_model()
+path = save_pretrained(model.state_dict(), {str(tmp_path / "m.safetensors")!r}, architecture_of(model))
+x, t, y = sequence()
+assert torch.equal(load_pretrained(path)(x, t, y), model(x, t, y))
+try:
+    model.save_pretrained({str(tmp_path / "hub")!r})
+except ImportError as err:
+    print(err)
+"""
+    )
+    assert "ARFlow.save_pretrained writes a Hub folder: pip install 'arflow[hub]'" in out
+    assert not (tmp_path / "hub").exists()
+
+
+def metrics_file(run_dir: Path) -> Path:
+    rows = [
+        {"step": 10, "loss": 0.5},
+        {"step": 20, "eval/fid": 30.5, "eval/inception_score": 2.0, "eval/num_samples": 500},
+        {"step": 30, "eval/inception_score": 2.5},  # an evaluation without a reference: no FID
+        {"step": 40, "eval/fid": 12.3456, "eval/num_samples": 1000, "loss": 0.1},
+        {"step": 45, "loss": 0.09},
+    ]
+    path = run_dir / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 50, "eval/f')
+    return path
+
+
+def test_last_evaluation_reads_the_last_fid_row(tmp_path):
+    metrics_file(tmp_path)
+    expected = {"step": 40, "eval/fid": 12.3456, "eval/num_samples": 1000}
+    assert last_evaluation(tmp_path) == expected
+    assert last_evaluation(tmp_path / "metrics.jsonl") == expected
+    assert last_evaluation(tmp_path / "elsewhere") is None
+
+
+def test_hub_folder_from_a_state_dict_with_its_card(tmp_path):
+    """save_hub_folder (the conversion path): from_pretrained gives the same model, and the
+    card states the architecture, the training config and steps, the sampler and the FID."""
+    from huggingface_hub import ModelCard
+
+    from arflow.config import Config
+
+    model = tiny_model(seed=6)
+    config = Config().to_dict()
+    config["train"]["steps"] = 100
+    config["eval"]["sampler"]["steps"] = 17
+    config["data"]["storage_options"] = {"key": "AKIA-NOT-FOR-A-CARD"}
+    run = tmp_path / "run"
+    run.mkdir()
+    folder = save_hub_folder(
+        model.state_dict(),
+        tmp_path / "folder",
+        architecture_of(model),
+        config,
+        step=50,
+        metrics=metrics_file(run),
+    )
+    x, t, y = sequence()
+    assert torch.equal(ARFlow.from_pretrained(folder)(x, t, y), model(x, t, y))
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "arflow" and "arflow" in card.data.tags
+    text = card.text
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"| Parameters | {trainable:,} trainable" in text
+    assert "| Depth / hidden size / heads | 2 / 32 / 2 |" in text
+    assert "Trained for 50 steps of 100." in text
+    assert "| steps | 17 |" in text  # the run's eval.sampler
+    assert "FID 12.35 at step 40 (1,000 samples)" in text
+    dumped = json.loads(text.split("```json\n")[1].split("\n```")[0])
+    assert dumped["data"]["storage_options"] == "<withheld>"
+    assert "AKIA" not in text
+    assert {k: v for k, v in dumped.items() if k != "data"} == {
+        k: v for k, v in config.items() if k != "data"
+    }
+    assert not (tmp_path / "folder.tmp").exists()
+
+
+def test_card_names_a_zoo_model_and_says_when_nothing_was_recorded():
+    from arflow.config import model_kwargs
+
+    arch = dict(
+        architecture_of(tiny_model()),
+        input_size=32,
+        in_channels=4,
+        num_classes=1000,
+        **model_kwargs("ARFlow-XL/2"),
+    )
+    text = card_text(arch, (712_445_216, 712_740_128))
+    assert text.startswith("# ARFlow-XL/2\n")
+    assert "| Parameters | 712,445,216 trainable (712,740,128 with the fixed positions) |" in text
+    assert "No training record came with these weights." in text
+    assert "| steps | 250 |" in text  # SamplerConfig's defaults
+    assert "No FID was recorded for these weights." in text
+
+
+def test_hub_folder_refusals(tmp_path):
+    model = tiny_model()
+    folder = save_hub_folder(model.state_dict(), tmp_path / "f", architecture_of(model))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(FileExistsError, match="f exists and is not an empty directory"):
+        save_hub_folder(model.state_dict(), folder, architecture_of(model))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    with pytest.raises(ValueError) as info:
+        ARFlow.from_pretrained(folder)
+    assert f"{folder} (model.safetensors against config.json) does not hold" in str(info.value)
+    assert "x_embedder.proj.weight: the architecture implies (64, 3, 2, 2), the weights hold " in (
+        str(info.value)
+    )
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        ARFlow.from_pretrained(folder)
