@@ -118,6 +118,21 @@ class DataConfig:
     storage_attempts: int = 5
 
 
+@dataclass(frozen=True)
+class ProfileConfig:
+    """A torch.profiler window: the `steps` optimizer steps numbered start, start + 1, ...
+    (step 1 is the first), traced on every rank to <run.dir>/profile/ (Chrome trace JSON, which
+    TensorBoard's profiler plugin and Perfetto read), with a CUDA memory snapshot on GPUs.
+    `steps: 0` (the default) profiles nothing."""
+
+    start: int = 10
+    steps: int = 0
+
+    def __post_init__(self):
+        _check(self.start >= 1, "profile.start", f"must be >= 1, got {self.start}")
+        _check(self.steps >= 0, "profile.steps", f"must be >= 0, got {self.steps}")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -130,6 +145,7 @@ class TrainConfig:
     grad_clip_mode: Literal["value", "norm"] = "value"
     # Consecutive steps with a non-finite loss or gradient after which the run stops.
     max_nonfinite_steps: int = 10
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -185,6 +201,10 @@ class LoggingConfig:
     wandb: bool = True  # offline automatically when no credentials are configured
     project: str = "arflow"
     tags: list[str] = field(default_factory=list)
+    tensorboard: bool = True  # event files under <run.dir>/tensorboard/
+    # Dense peak TFLOP/s of one device at the run's precision, for the logged MFU; null: looked
+    # up from the CUDA device's name (arflow.utils.flops), else MFU is not logged.
+    peak_tflops: float | None = None
 
 
 @dataclass(frozen=True)
@@ -419,6 +439,11 @@ class Config:
         _check(c.every >= 0, "checkpoint.every", "must be >= 0")
         _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.logging.every >= 1, "logging.every", "must be >= 1")
+        _check(
+            self.logging.peak_tflops is None or self.logging.peak_tflops > 0,
+            "logging.peak_tflops",
+            f"must be null or > 0, got {self.logging.peak_tflops}",
+        )
         s = self.samples
         _check(s.every >= 0, "samples.every", "must be >= 0")
         _check(s.per_class >= 1, "samples.per_class", "must be >= 1")

@@ -1,0 +1,142 @@
+"""Training curves of a run as one PNG, from its `metrics.jsonl` (no service needed).
+
+    from arflow.utils.plot_metrics import plot_metrics
+    plot_metrics("runs/digits_cpu")          # -> runs/digits_cpu/metrics.png
+
+One panel per metric the run logged: loss, gradient norm, learning rate, images/s, the share
+of time spent waiting for data, MFU (or achieved TFLOP/s per device when no peak was known)
+and FID / Inception Score when the run evaluated. Needs matplotlib (the `train` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+COLUMNS = 3
+PANEL_INCHES = (5.0, 3.5)  # width, height of one panel (binary fractions: exact pixels)
+DPI = 100
+
+
+@dataclass(frozen=True)
+class Panel:
+    key: str  # in metrics.jsonl
+    title: str
+    ylabel: str
+    percent: bool = False  # a fraction in [0, 1], shown in %
+    auto_log: bool = False  # log scale when the values span a factor of 20 or more
+
+
+PANELS = [
+    Panel("loss", "Training loss", "velocity MSE", auto_log=True),
+    Panel("grad_norm", "Gradient norm (before clipping)", "global L2 norm", auto_log=True),
+    Panel("lr", "Learning rate", "lr"),
+    Panel("images_per_s", "Throughput", "images / s (all ranks)"),
+    Panel("data_wait_fraction", "Waiting for data", "% of step time", percent=True),
+    Panel("mfu", "Model FLOPs utilisation", "% of peak", percent=True),
+    Panel("tflops_per_device", "Achieved model FLOP/s", "TFLOP/s per device"),
+    Panel("eval/fid", "FID (EMA model)", "FID", auto_log=True),
+    Panel("eval/inception_score", "Inception Score (EMA model)", "IS"),
+]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a crash is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key`, finite values only, in step order."""
+    points = sorted(
+        (r["step"], float(r[key]))
+        for r in rows
+        if isinstance(r.get(key), (int, float)) and r[key] == r[key] and abs(r[key]) != float("inf")
+    )
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def panels_of(rows: list[dict]) -> list[tuple[Panel, list[int], list[float]]]:
+    """The panels with data; MFU replaces the TFLOP/s panel when the run logged it."""
+    out = [(p, *series(rows, p.key)) for p in PANELS]
+    out = [(p, steps, values) for p, steps, values in out if steps]
+    if any(p.key == "mfu" for p, _, _ in out):
+        out = [item for item in out if item[0].key != "tflops_per_device"]
+    return out
+
+
+def figure_size(panels: int) -> tuple[int, int]:
+    """Pixel (width, height) of the PNG for `panels` panels."""
+    rows = -(-panels // COLUMNS)
+    return int(COLUMNS * PANEL_INCHES[0] * DPI), int(rows * PANEL_INCHES[1] * DPI)
+
+
+def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the curves of `<run_dir>/metrics.jsonl` to `out` (default `<run_dir>/metrics.png`);
+    returns its path. Raises FileNotFoundError / ValueError naming the file when there is
+    nothing to plot."""
+    try:  # the object API, not pyplot: no display needed, no global backend changed
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import PercentFormatter
+    except ImportError as err:
+        raise ImportError(
+            f"plotting needs matplotlib (pip install 'arflow[train]'): {err}"
+        ) from err
+
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
+    panels = panels_of(read_metrics(path))
+    if not panels:
+        raise ValueError(f"{path} holds no training metrics to plot")
+    out = Path(out) if out is not None else run_dir / "metrics.png"
+
+    rows = -(-len(panels) // COLUMNS)
+    width, height = figure_size(len(panels))
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, COLUMNS, squeeze=False)
+    last_step = max(max(steps) for _, steps, _ in panels)
+    for ax, (panel, steps, values) in zip(axes.flat, panels):
+        marker = "o" if len(steps) <= 30 else None  # sparse series (FID) show their points
+        ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2)
+        ax.set_title(panel.title, fontsize=11)
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.ylabel)
+        ax.set_xlim(0, last_step * 1.02)
+        ax.grid(True, alpha=0.3)
+        if panel.percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+            ax.set_ylim(0, max(max(values) * 1.1, 0.01))
+        elif panel.auto_log and min(values) > 0 and max(values) >= 20 * min(values):
+            ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{run_dir.resolve().name}: {last_step} steps", fontsize=13)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: `python tools/plot_metrics.py RUN_DIR [--out PNG]`."""
+    parser = argparse.ArgumentParser(
+        prog="plot_metrics.py",
+        description="Write the training curves of a run directory's metrics.jsonl as a PNG.",
+    )
+    parser.add_argument("run_dir", help="a run directory (run.dir) holding metrics.jsonl")
+    parser.add_argument("--out", help="the PNG to write (default: RUN_DIR/metrics.png)")
+    args = parser.parse_args(argv)
+    try:
+        print(plot_metrics(args.run_dir, args.out))
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
