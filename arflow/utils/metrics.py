@@ -65,22 +65,22 @@ class StepMetrics:
             self.applied += 1
             self.sums += torch.stack([loss.detach(), grad_norm.detach()]).double()
 
-    @contextlib.contextmanager
     def paused(self):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.excluded += time.perf_counter() - t0
+        """Around what is not step time (checkpoints, evaluation)."""
+        return self._timed("excluded")
 
-    @contextlib.contextmanager
     def waiting_for_data(self):
         """Around fetching a step's batches and starting their copy to the device."""
+        return self._timed("data_wait")
+
+    @contextlib.contextmanager
+    def _timed(self, total: str):
+        """Adds the block's wall time to the attribute `total`."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.data_wait += time.perf_counter() - t0
+            setattr(self, total, getattr(self, total) + time.perf_counter() - t0)
 
     def read(self, bad_samples: int) -> dict[str, float]:
         """Collective. Means over ranks and the window's applied steps (nan if none) of `loss`

@@ -26,18 +26,20 @@ class Panel:
     title: str
     ylabel: str
     percent: bool = False  # a fraction in [0, 1], shown in %
-    auto_log: bool = False  # log scale when the values span a factor of 20 or more
+    # "log" (positive values: a late, slow decrease stays visible), "linear", or "auto": log
+    # when the values span a factor of 10 or more (early spikes)
+    yscale: str = "linear"
 
 
 PANELS = [
-    Panel("loss", "Training loss", "velocity MSE", auto_log=True),
-    Panel("grad_norm", "Gradient norm (before clipping)", "global L2 norm", auto_log=True),
+    Panel("loss", "Training loss", "velocity MSE (log scale)", yscale="log"),
+    Panel("grad_norm", "Gradient norm (before clipping)", "global L2 norm", yscale="auto"),
     Panel("lr", "Learning rate", "lr"),
     Panel("images_per_s", "Throughput", "images / s (all ranks)"),
     Panel("data_wait_fraction", "Waiting for data", "% of step time", percent=True),
     Panel("mfu", "Model FLOPs utilisation", "% of peak", percent=True),
     Panel("tflops_per_device", "Achieved model FLOP/s", "TFLOP/s per device"),
-    Panel("eval/fid", "FID (EMA model)", "FID", auto_log=True),
+    Panel("eval/fid", "FID (EMA model)", "FID", yscale="auto"),
     Panel("eval/inception_score", "Inception Score (EMA model)", "IS"),
 ]
 
@@ -84,7 +86,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     nothing to plot."""
     try:  # the object API, not pyplot: no display needed, no global backend changed
         from matplotlib.figure import Figure
-        from matplotlib.ticker import PercentFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, PercentFormatter
     except ImportError as err:
         raise ImportError(
             f"plotting needs matplotlib (pip install 'arflow[train]'): {err}"
@@ -115,8 +117,16 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         if panel.percent:
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
             ax.set_ylim(0, max(max(values) * 1.1, 0.01))
-        elif panel.auto_log and min(values) > 0 and max(values) >= 20 * min(values):
+        elif min(values) > 0 and (
+            panel.yscale == "log" or (panel.yscale == "auto" and max(values) >= 10 * min(values))
+        ):
             ax.set_yscale("log")
+            # Plain numbers (0.5, 1, 2) rather than 5x10^-1; within two decades also the 2, 3
+            # and 5 multiples, as a short span may hold no power of ten at all.
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            if max(values) < 100 * min(values):
+                ax.yaxis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         else:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
     for ax in axes.flat[len(panels) :]:
