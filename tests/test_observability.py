@@ -34,12 +34,16 @@ def fit(config: Path, process_group, resume: str | None = None) -> None:
     assert Trainer(load_config(config), process_group, resume).fit() == "done"
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag of the run's TensorBoard events, read back by TensorBoard's own reader."""
+def tensorboard(run_dir: Path):
+    """The run's TensorBoard events, read back by TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
+    return events.Reload()
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = tensorboard(run_dir)
     return {
         tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
     }
@@ -73,6 +77,8 @@ def test_log_rows_tensorboard_and_profile_window(tmp_path, process_group):
     for key in (*SCALARS, "mfu"):
         assert [step for step, _ in tb[key]] == [2, 4, 6], key
         assert [v for _, v in tb[key]] == pytest.approx([r[key] for r in logged], rel=1e-6), key
+    (grid,) = tensorboard(run_dir).Images("ema_samples")  # the final EMA sample grid
+    assert grid.step == 6 and grid.width > 0 and grid.height > 0
 
     # The profile window: one trace of this rank, spanning steps 3 and 4 exactly.
     traces = list((run_dir / "profile").glob("rank0.*.pt.trace.json"))
