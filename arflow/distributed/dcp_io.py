@@ -16,7 +16,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, F
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from arflow.utils.integrity import FileRecorder
+from arflow.storage import FileRecorder
 from arflow.utils.safe_load import CorruptFileError, UnsafeCheckpointError
 
 

@@ -51,7 +51,6 @@ from arflow.distributed.backend import (
     step_decision,
 )
 from arflow.distributed.env import DistInfo
-from arflow.utils.integrity import FileRecorder
 from arflow.utils.safe_load import check_torch_file, deepspeed_classes, load_torch_file
 
 TAG = "zero"
@@ -284,17 +283,28 @@ class DeepSpeedBackend(Backend):
         return out
 
     # ------------------------------------------------------------------------ checkpoints
-    def save_state(self, path, recorder):
-        # DeepSpeed writes through its checkpoint engine: ours hashes on the way out.
+    def stage_state(self, path, stage):
+        # DeepSpeed hands every file it saves to its checkpoint engine: ours keeps the state
+        # dicts (copied by `stage` into host memory) and the writer writes them later, hashing
+        # on the way out. DeepSpeed's own direct writes (its recovery script) land in `path` now.
         engine = self.model.checkpoint_engine
-        self.model.checkpoint_engine = _RecordingEngine(engine, recorder)
+        staging = _StagingEngine(engine, path, stage)
+        self.model.checkpoint_engine = staging
         try:
             self.model.save_checkpoint(path, tag=TAG, save_latest=False)
         finally:
             self.model.checkpoint_engine = engine
-        if self.info.is_main:
-            with recorder.open("deepspeed_config.json") as f:
-                f.write(json.dumps(self.ds_config, indent=2).encode())
+        config = json.dumps(self.ds_config, indent=2).encode() if self.info.is_main else None
+
+        def write(recorder, group):
+            for state_dict, file in staging.files:
+                with recorder.open(file) as f:
+                    torch.save(state_dict, f, _use_new_zipfile_serialization=staging.zipfile)
+            if config is not None:
+                with recorder.open("deepspeed_config.json") as f:
+                    f.write(config)
+
+        return write
 
     def load_state(self, path, reshard, shared):
         # DeepSpeed unpickles its files with weights_only=False: each is vetted first.
@@ -333,18 +343,22 @@ class DeepSpeedBackend(Backend):
                         os.remove(latest)
 
 
-class _RecordingEngine:
-    """DeepSpeed's checkpoint engine with `save` writing through the checkpoint's recorder;
-    everything else is the wrapped engine's."""
+class _StagingEngine:
+    """DeepSpeed's checkpoint engine with `save` keeping (state dict, path) for a later write,
+    the state dict copied by `stage` (keyed by the file's path inside the checkpoint, so its
+    host buffers are reused from save to save); everything else is the wrapped engine's."""
 
-    def __init__(self, inner, recorder: FileRecorder):
+    def __init__(self, inner, root: str, stage):
         self._inner = inner
-        self._recorder = recorder
+        self._root = root
+        self._stage = stage
+        self.files: list[tuple[dict, str]] = []
+        self.zipfile = getattr(inner, "zipfile_serialization", True)
 
     def save(self, state_dict, path: str) -> None:
-        zipfile = getattr(self._inner, "zipfile_serialization", True)
-        with self._recorder.open(path) as f:
-            torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile)
+        if self._stage is not None:
+            state_dict = self._stage(state_dict, os.path.relpath(path, self._root))
+        self.files.append((state_dict, path))
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
