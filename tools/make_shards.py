@@ -17,7 +17,8 @@ RANK) and rank 0 writes the manifest once all ranks are done::
     torchrun --nproc_per_node 8 tools/make_shards.py IMAGENET/train --out s3://... --encode vae --vae SD_VAE_DIR
 
 Re-running the same command skips every complete shard whose checksum still matches, so an
-interrupted run is resumed by running it again. S3 credentials come from the standard AWS
+interrupted run is resumed by running it again. One run writes to an --out at a time: a second
+one is refused, naming the run that holds it (host, pid, start time). S3 credentials come from the standard AWS
 environment variables, config files or instance roles.
 """
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     import torch.distributed as dist
 
-    from arflow.data.writing.build import build_shards
+    from arflow.data.writing.build import OutputInUseError, build_shards
     from arflow.data.writing.encoders import PixelEncoder, VaeEncoder
     from arflow.data.writing.sources import make_source
 
@@ -200,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         if world_size > 1:
             dist.barrier()  # gloo: destroying right after a collective can abort a peer still inside it
+    except OutputInUseError as err:  # every rank alike: nothing was written
+        print(f"make_shards.py: {err}", file=sys.stderr)
+        if world_size > 1:
+            dist.barrier()
+        return 1
     finally:
         # On failure no barrier: this rank exits with an error and torchrun stops the others.
         if world_size > 1:
