@@ -164,6 +164,23 @@ class DataConfig:
     longer when the store asks with Retry-After (each retry is logged at once)."""
 
 
+@dataclass(frozen=True)
+class ProfileConfig:
+    """A torch.profiler window: the `steps` optimizer steps numbered start, start + 1, ...
+    (step 1 is the first), traced on every rank to <run.dir>/profile/ (Chrome trace JSON, which
+    TensorBoard's profiler plugin and Perfetto read), with a CUDA memory snapshot on GPUs.
+    `steps: 0` (the default) profiles nothing."""
+
+    start: int = 10
+    """The first optimizer step traced (step 1 is the first of the run)."""
+    steps: int = 0
+    """Optimizer steps traced; 0 profiles nothing."""
+
+    def __post_init__(self):
+        _check(self.start >= 1, "profile.start", f"must be >= 1, got {self.start}")
+        _check(self.steps >= 0, "profile.steps", f"must be >= 0, got {self.steps}")
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop."""
@@ -184,6 +201,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """Consecutive steps with a non-finite loss or gradient (each skipped) after which the run
     stops."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """A torch.profiler window (off by default): see ProfileConfig."""
 
 
 @dataclass
@@ -275,6 +294,11 @@ class LoggingConfig:
     """The wandb project."""
     tags: list[str] = field(default_factory=list)
     """The wandb run's tags."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run.dir>/tensorboard/ (rank 0)."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device at the run's precision, for the logged MFU; null: looked
+    up from the CUDA device's name (arflow.utils.flops), else MFU is not logged."""
 
 
 @dataclass(frozen=True)
@@ -528,6 +552,11 @@ class Config:
         _check(c.every >= 0, "checkpoint.every", "must be >= 0")
         _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.logging.every >= 1, "logging.every", "must be >= 1")
+        _check(
+            self.logging.peak_tflops is None or self.logging.peak_tflops > 0,
+            "logging.peak_tflops",
+            f"must be null or > 0, got {self.logging.peak_tflops}",
+        )
         s = self.samples
         _check(s.every >= 0, "samples.every", "must be >= 0")
         _check(s.per_class >= 1, "samples.per_class", "must be >= 1")

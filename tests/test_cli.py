@@ -211,12 +211,15 @@ def test_demo_judges_the_run_in_its_directory(tmp_path, capsys):
     model = tiny_model(seed=2, num_classes=10)  # digits-shaped: 3 x 8 x 8, 10 classes
     run = tmp_path / "run"
     save_pretrained(model.state_dict(), run / "ema.safetensors", architecture_of(model))
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-4, "images_per_s": 50.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["demo", "--no-train", "--run-dir", str(run), "--samples", "30", "--steps", "2"]
     assert main([*argv, "--method", "euler"]) == 0
     result = json.loads((run / "digits_demo.json").read_text())
     assert result["samples"] == 30 and result["sampler"] == "euler 2 steps"
     assert 0 <= result["class_consistency"] <= 1 and result["classifier_heldout_accuracy"] > 0.9
     assert (run / "digits_grid.png").stat().st_size > 0
+    assert (run / "metrics.png").stat().st_size > 0  # the curves, as `arflow plot` draws them
     assert "class-consistency of 30 EMA samples" in capsys.readouterr().out
 
 

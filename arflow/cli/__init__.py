@@ -1,6 +1,6 @@
 """The `arflow` command: one entry point for the whole life of a model.
 
-    arflow train | sample | evaluate | fid | make-shards | convert | demo | config
+    arflow train | sample | evaluate | fid | make-shards | convert | demo | config | plot
 
 Each subcommand is a module of this package with a docstring (its help: what it reads and
 writes), `add_arguments(parser)` and `run(args) -> exit status`. The modules import nothing
@@ -31,6 +31,7 @@ OPTIONAL_MODULES = {
     "sklearn": ("scikit-learn", "data"),
     "deepspeed": ("deepspeed", "train"),
     "wandb": ("wandb", "train"),
+    "matplotlib": ("matplotlib", "train"),
 }
 
 DESCRIPTION = """\
@@ -51,6 +52,7 @@ COMMANDS = {
     "convert": "convert",
     "demo": "demo",
     "config": "show_config",
+    "plot": "plot",
 }
 
 

@@ -10,9 +10,12 @@
    held-out accuracy.
 
 Reads:  scikit-learn's bundled digits; the config (--config, --set).
-Writes: --data (shards, manifest.json); --run-dir: metrics.jsonl, checkpoints/, samples/,
-        wandb/, model.safetensors, ema.safetensors, digits_grid.png (one row per digit) and
-        digits_demo.json (the measurements).
+4. Plots the training curves (metrics.png, as `arflow plot`).
+
+Reads:  scikit-learn's bundled digits; the config (--config, --set).
+Writes: --data (shards, manifest.json); --run-dir: metrics.jsonl, tensorboard/, checkpoints/,
+        samples/, wandb/, model.safetensors, ema.safetensors, digits_grid.png (one row per
+        digit), digits_demo.json (the measurements) and metrics.png (the curves).
 
   arflow demo                          # what `make demo` runs
   arflow demo --no-train --samples 200 # judge the run already in --run-dir again
@@ -70,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         if status:
             return status
     judge(cfg, args.samples, method=args.method, steps=args.steps)
+    if (Path(cfg.run.dir) / "metrics.jsonl").exists():
+        from arflow.utils.plot_metrics import plot_metrics
+
+        print(f"training curves: {plot_metrics(cfg.run.dir)}")
     return 0
 
 
@@ -156,7 +163,7 @@ def judge(cfg, samples: int, method: str | None = None, steps: int | None = None
     print(f"class-consistency of {samples} EMA samples: {consistency:.1%}")
     print(f"per-class grid: {grid}")
     print(
-        f"outputs in {run_dir}: metrics.jsonl, checkpoints/, samples/, digits_grid.png, "
-        "ema.safetensors, wandb/"
+        f"outputs in {run_dir}: metrics.jsonl, tensorboard/, checkpoints/, samples/, "
+        "digits_grid.png, metrics.png, ema.safetensors, wandb/"
     )
     return result

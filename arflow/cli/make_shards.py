@@ -5,7 +5,8 @@ Reads:  SOURCE: 'digits' (scikit-learn's bundled 8x8 digits, 10 classes, 1,797 i
         folder (--vae).
 Writes: --out (a local directory or an fsspec URL such as s3://bucket/prefix): shards/*.tar and
         manifest.json. Re-running skips every complete shard whose checksum still matches, so
-        an interrupted run resumes by running it again.
+        an interrupted run resumes by running it again. One run writes to an --out at a time:
+        a second one is refused, naming the run that holds it (host, pid, start time).
 
   arflow make-shards digits --out data/digits --image-size 8
   arflow make-shards IMAGENET/train --out s3://bucket/in256 --image-size 256 \\
@@ -23,6 +24,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 
 from .common import UsageError
 
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     import torch.distributed as dist
 
-    from arflow.data.writing.build import build_shards
+    from arflow.data.writing.build import OutputInUseError, build_shards
     from arflow.data.writing.encoders import PixelEncoder, VaeEncoder
     from arflow.data.writing.sources import make_source
 
@@ -194,6 +196,11 @@ def run(args: argparse.Namespace) -> int:
             )
         if world_size > 1:
             dist.barrier()  # gloo: destroying right after a collective can abort a peer still inside it
+    except OutputInUseError as err:  # every rank alike: nothing was written
+        print(f"arflow make-shards: {err}", file=sys.stderr)
+        if world_size > 1:
+            dist.barrier()
+        return 1
     finally:
         # On failure no barrier: this rank exits with an error and torchrun stops the others.
         if world_size > 1:
