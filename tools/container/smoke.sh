@@ -13,7 +13,7 @@
 #   BASE_IMAGE    the Debian base; made with mmdebstrap and committed when missing
 #                                                           (default localhost/arflow-base:bookworm)
 #   SUITE         Debian release of the base                (default bookworm)
-#   STEPS         training steps inside the image           (default 20)
+#   STEPS         training steps inside the image           (default 10)
 #   OUT           where smoke.json and the logs go          (default runs/container-smoke)
 #   PIP_CONF      pip configuration passed as the build secret pip_conf (default: written from
 #                 `pip config list` of this machine: its index settings, without local paths)
@@ -27,7 +27,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 IMAGE=${IMAGE:-localhost/arflow:smoke}
 BASE_IMAGE=${BASE_IMAGE:-localhost/arflow-base:bookworm}
 SUITE=${SUITE:-bookworm}
-STEPS=${STEPS:-20}
+STEPS=${STEPS:-10}
 OUT=${OUT:-runs/container-smoke}
 : "${TORCH_WHEEL:?set TORCH_WHEEL to a CPU torch wheel for the Python of the base image}"
 
@@ -106,9 +106,13 @@ buildah bud --isolation chroot --layers "${cache[@]}" \
   exit 1
 }
 build_seconds=$(($(date +%s) - start))
-image_bytes=$(buildah images --json "$IMAGE" | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["size"])')
+# The image's size: its layers as stored (uncompressed), from the manifest.
+layer_bytes=$(buildah inspect --type image "$IMAGE" | python3 -c '
+import json, sys
+print(" ".join(str(layer["size"]) for layer in json.loads(json.load(sys.stdin)["Manifest"])["layers"]))')
+image_bytes=$(python3 -c 'import sys; print(sum(map(int, sys.argv[1].split())))' "$layer_bytes")
 ds_ops=$(grep -m1 "DeepSpeed ops prebuilt" "$OUT/build.log" || true)
-echo "smoke: built in ${build_seconds} s, ${image_bytes} bytes; $ds_ops"
+echo "smoke: built in ${build_seconds} s, ${image_bytes} bytes (layers: $layer_bytes); $ds_ops"
 
 # 4. Inside the image, as its (non-root) user in its work directory. An empty extension
 # folder that stays empty shows that DeepSpeed loaded its prebuilt op and compiled nothing.
@@ -138,7 +142,7 @@ last_row=$(in_image tail -n 1 runs/digits_cpu/metrics.jsonl)
 checkpoints=$(in_image ls runs/digits_cpu/checkpoints)
 
 IMAGE=$IMAGE BASE_IMAGE=$BASE_IMAGE TORCH_VERSION=$torch_version BUILD_SECONDS=$build_seconds \
-  IMAGE_BYTES=$image_bytes DS_OPS="$ds_ops" HELP_SECONDS=$help_seconds STEPS=$STEPS \
+  IMAGE_BYTES=$image_bytes LAYER_BYTES="$layer_bytes" DS_OPS="$ds_ops" HELP_SECONDS=$help_seconds STEPS=$STEPS \
   TRAIN_SECONDS=$train_seconds LAST_ROW=$last_row CHECKPOINTS=$checkpoints JIT_FILES=$jit_files \
   python3 - "$OUT/smoke.json" <<'EOF'
 import json, os, sys
@@ -149,6 +153,7 @@ result = {
     "torch": env["TORCH_VERSION"],
     "build_seconds": int(env["BUILD_SECONDS"]),
     "image_bytes": int(env["IMAGE_BYTES"]),
+    "layer_bytes": [int(b) for b in env["LAYER_BYTES"].split()],
     "deepspeed_ops": env["DS_OPS"],
     "help_seconds": float(env["HELP_SECONDS"]),
     "train_steps": int(env["STEPS"]),
