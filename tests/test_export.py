@@ -208,41 +208,65 @@ def test_sample_cli_rejects_bad_classes(tmp_path):
 
 
 # ---------------------------------------------------------------------- the one loader
-def test_load_pretrained_takes_run_step_and_root_directories(tmp_path):
-    """A run directory (its ema.safetensors), a checkpoint step directory (verified against
-    its meta.json) and a checkpoint root (the newest complete step) all load."""
-    import hashlib
-    import json
+def test_run_step_and_root_directories_follow_the_resume_rule(tmp_path):
+    """load_pretrained takes a run directory (its ema.safetensors) and a step directory (checked
+    against its meta.json); a checkpoint root stands for the checkpoint `--resume auto` would
+    take (arflow.checkpoint.weights_file, what `arflow sample` and `evaluate` use). After a
+    rollback that is the new branch's newest step, not the moved-aside
+    `step_X.abandoned-<run>` that a listing sorts after it."""
+    from arflow.checkpoint import CheckpointManager
+    from arflow.checkpoint.locate import weights_file
+    from arflow.distributed.env import DistInfo
 
-    old, new = tiny_model(seed=1), tiny_model(seed=2)
-    run = tmp_path / "run"
-    save_pretrained(new.state_dict(), run / "ema.safetensors", architecture_of(new))
-    root = run / "checkpoints"
-    for step, model in ((10, old), (20, new)):
-        step_dir = root / f"step_{step:09d}"
-        path = save_pretrained(
-            model.state_dict(), step_dir / "ema.safetensors", architecture_of(model)
-        )
-        data = path.read_bytes()
-        record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        (step_dir / "meta.json").write_text(
-            json.dumps({"step": step, "files": {path.name: record}})
-        )
-    (root / "step_000000030").mkdir()  # an interrupted save: no meta.json, ignored
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    models = {seed: tiny_model(seed=seed) for seed in (1, 2, 3, 4)}
+    root = tmp_path / "run" / "checkpoints"
+
+    def run(resume, saves):
+        manager = CheckpointManager(str(root), info, keep_last=5, background=False)
+        manager.open()
+        manager.resume_target(resume, overwrite=False)
+        for step, seed in saves:
+            manager.save(
+                step,
+                stage_state=lambda path, stage: lambda recorder, group: None,
+                rank_state={},
+                ema=models[seed].state_dict(),
+                arch=architecture_of(models[seed]),
+                config={},
+            )
+        manager.close()
+
+    run(None, [(10, 1), (20, 2), (30, 3)])
+    run(str(root / "step_000000020"), [(30, 4)])  # a rollback: the old step 30 moved aside
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))[-1].startswith(
+        "step_000000030.abandoned-"
+    )
+    save_pretrained(
+        models[4].state_dict(), tmp_path / "run" / "ema.safetensors", {**architecture_of(models[4])}
+    )
     x, t, y = sequence()
-    for where, expected in ((run, new), (root, new), (root / "step_000000010", old)):
-        assert torch.equal(load_pretrained(where)(x, t, y), expected(x, t, y)), where
+    for where, seed in (
+        (tmp_path / "run", 4),
+        (weights_file(root), 4),
+        (root / "step_000000010", 1),
+        (weights_file(root / "step_000000020"), 2),
+    ):
+        assert torch.equal(load_pretrained(where)(x, t, y), models[seed](x, t, y)), where
 
-    ema = root / "step_000000020" / "ema.safetensors"
+    ema = root / "step_000000030" / "ema.safetensors"
     data = bytearray(ema.read_bytes())
     data[-8] ^= 0xFF  # a flipped bit inside a tensor: safetensors alone would load it
     ema.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="step_000000020: ema.safetensors: checksum mismatch"):
-        load_pretrained(root)
+    with pytest.raises(ValueError, match="step_000000030: ema.safetensors: checksum mismatch"):
+        load_pretrained(weights_file(root))
+    (root / "step_000000040").mkdir()  # an interrupted save: no meta.json, no weights
     with pytest.raises(FileNotFoundError, match="holds no weights"):
-        load_pretrained(tmp_path / "run" / "checkpoints" / "step_000000030")
+        weights_file(root / "step_000000040")
+    with pytest.raises(FileNotFoundError, match="holds no weights"):
+        load_pretrained(root)  # a root is the checkpoint component's to resolve
     with pytest.raises(FileNotFoundError, match="do not exist"):
-        load_pretrained(tmp_path / "nowhere")
+        weights_file(tmp_path / "nowhere")
 
 
 def test_load_pretrained_names_a_corrupt_file(tmp_path):
@@ -280,14 +304,22 @@ def test_causal_softmax_architecture_round_trip(tmp_path):
 
 
 def test_convert_a_trainer_checkpoint_and_name_its_damage(tmp_path, capsys):
-    """A checkpoint written by the checkpoint component converts to a file load_pretrained reads;
-    a damaged one is reported with the file and step, not converted."""
+    """A checkpoint written by the checkpoint component converts to a file load_pretrained reads,
+    and with --hub to a Hub folder whose card names the step and the run's last FID; a damaged
+    one is reported with the file and step, not converted."""
     from arflow.checkpoint import CheckpointManager
     from arflow.distributed.env import DistInfo
 
     model = tiny_model(seed=4)
     arch = architecture_of(model)
-    config = {"model": {"name": "ARFlow-S/2", **arch}, "parallel": {"backend": "ddp"}}
+    run_dir = tmp_path / "run"
+    config = {
+        "model": {"name": "ARFlow-S/2", **arch},
+        "parallel": {"backend": "ddp"},
+        "run": {"dir": str(run_dir)},
+    }
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 7, "eval/fid": 12.5}) + "\n")
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     manager = CheckpointManager(str(tmp_path / "ckpt"), info, background=False)
     step_dir = manager.save(
@@ -303,6 +335,12 @@ def test_convert_a_trainer_checkpoint_and_name_its_damage(tmp_path, capsys):
     x, t, y = sequence()
     assert torch.equal(load_pretrained(out)(x, t, y), model(x, t, y))
     assert torch.equal(load_pretrained(step_dir)(x, t, y), model(x, t, y))
+    hub = tmp_path / "hub"
+    assert convert(str(tmp_path / "ckpt"), "--hub", "--out", str(hub)) == 0
+    assert {p.name for p in hub.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    assert torch.equal(load_pretrained(hub)(x, t, y), model(x, t, y))
+    card = (hub / "README.md").read_text()
+    assert "Trained for 7 steps" in card and "12.5" in card, card  # the step, the last FID
 
     ema = Path(step_dir) / "ema.safetensors"
     data = bytearray(ema.read_bytes())

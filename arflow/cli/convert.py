@@ -8,12 +8,16 @@ Reads:  RUN_CKPT, a checkpoint directory written by the trainer (DeepSpeed ZeRO 
         shapes, override with the --arch-* flags).
 Writes: --out, one file that `arflow sample --ckpt`, `arflow evaluate --ckpt` and
         arflow.models.load_pretrained read (they also read checkpoint directories; converting
-        gives one portable file, or the raw weights with --no-ema). A damaged file is reported
-        as damaged; a pickle that needs code to unpickle is refused, never run.
+        gives one portable file, or the raw weights with --no-ema); with --hub, --out is a
+        Hugging Face Hub folder instead (config.json, model.safetensors and a model card: the
+        architecture, the training config and step, the sampler, the run's last FID when its
+        metrics.jsonl is found), which ARFlow.from_pretrained and `push_to_hub` take. A damaged
+        file is reported as damaged; a pickle that needs code to unpickle is refused, never run.
 
   arflow convert runs/xl_256/checkpoints/step_000400000 --out xl256.safetensors
   arflow convert --from-official ARFlow-XL-2.pt --out arflow_xl2.safetensors
   arflow convert --from-official ARFlow-XL-2.pt --to-pt --out arflow_xl2.pt
+  arflow convert runs/xl_256/checkpoints --hub --out arflow-xl2-256/   # a Hub folder
 """
 
 from __future__ import annotations
@@ -43,8 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-ema", action="store_true", help="export the raw weights instead of the EMA"
     )
-    parser.add_argument(
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
         "--to-pt", action="store_true", help="write a plain torch state dict instead of safetensors"
+    )
+    output.add_argument(
+        "--hub",
+        action="store_true",
+        help="write a Hub folder at --out (config.json, model.safetensors, model card); needs "
+        "the `hub` extra",
     )
     for key in OVERRIDABLE:
         kind = float if key == "class_dropout_prob" else int
@@ -74,18 +85,23 @@ def convert(args: argparse.Namespace) -> Path:
     """Write args.out from the source; raises on a missing, damaged or unsafe source."""
     import torch
 
-    from arflow.models.pretrained import save_pretrained
+    from arflow.models.pretrained import save_hub_folder, save_pretrained
 
+    step = None
     if args.from_official:
         state, arch, config = _official(args)
     else:
         from arflow.checkpoint.export import read_trainer_checkpoint
 
-        state, arch, config = read_trainer_checkpoint(args.ckpt, use_ema=not args.no_ema)
+        state, arch, config, step = read_trainer_checkpoint(args.ckpt, use_ema=not args.no_ema)
     out = Path(args.out)
     if args.to_pt:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.contiguous() for k, v in state.items()}, out)
+    elif args.hub:
+        metrics = Path(config["run"]["dir"]) / "metrics.jsonl" if config else None
+        metrics = metrics if metrics is not None and metrics.is_file() else None
+        save_hub_folder(state, out, arch, config, step=step, metrics=metrics)
     else:
         save_pretrained(state, out, arch, config)
     print(f"wrote {out} ({sum(v.numel() for v in state.values()):,} values)", file=sys.stderr)
@@ -99,7 +115,15 @@ def run(args: argparse.Namespace) -> int:
         )
     from arflow.utils.safe_load import CorruptFileError, UnsafeCheckpointError
 
-    expected = [CorruptFileError, UnsafeCheckpointError, FileNotFoundError, ValueError, KeyError]
+    expected = [
+        CorruptFileError,
+        UnsafeCheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+        ImportError,  # --hub without huggingface_hub: the message says what to install
+        ValueError,
+        KeyError,
+    ]
     if args.ckpt:  # only trainer checkpoints need the checkpoint code (and fsspec, `data` extra)
         from arflow.checkpoint import CheckpointError
 

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ckpt",
         required=True,
         help="weights (arflow.models.load_pretrained): a .safetensors written by the trainer or "
-        "`arflow convert`, a run or checkpoint step directory, or a checkpoint root",
+        "`arflow convert`, a Hub folder, a run or checkpoint step directory, or a checkpoint "
+        "root (the checkpoint `--resume auto` would take there)",
     )
     config_arguments(parser, required=False)
     parser.add_argument(
@@ -74,11 +75,12 @@ def run(args: argparse.Namespace) -> int:
         eval_cfg = dataclasses.replace(eval_cfg, inception_weights=args.inception_weights)
     device = args.device if args.device != "auto" else cfg.parallel.device
 
+    from arflow.checkpoint.locate import weights_file
     from arflow.eval.evaluate import evaluate
     from arflow.models import load_pretrained
 
     with process_group(device, cfg.parallel.collective_timeout_s) as info:
-        model = load_pretrained(args.ckpt, info.device).requires_grad_(False)
+        model = load_pretrained(weights_file(args.ckpt), info.device).requires_grad_(False)
         result = evaluate(
             model,
             eval_cfg,

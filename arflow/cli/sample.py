@@ -1,7 +1,8 @@
 """Sample images from ARFlow weights and write them as one PNG grid.
 
 Reads:  --ckpt: a weight file written by the trainer (ema.safetensors) or `arflow convert` (it
-        carries the architecture), a run directory, a checkpoint step directory or root;
+        carries the architecture), a Hub folder, a run directory, a checkpoint step directory,
+        or a checkpoint root (the checkpoint `--resume auto` would take there);
         --vae: the local diffusers AutoencoderKL folder of a latent model (its config gives
         the latent scale); pixel models need none.
 Writes: --out, one PNG grid, one image per class id. Image i uses seed --seed + i, so a grid is
@@ -37,7 +38,12 @@ def class_list(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="weight file (.safetensors with metadata)")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="weights: a .safetensors with metadata, a Hub folder, a run or step directory, or "
+        "a checkpoint root",
+    )
     p.add_argument(
         "--classes",
         required=True,
@@ -86,13 +92,14 @@ def run(args: argparse.Namespace) -> int:
     config = sampler_config(args)  # before any file is read
     import torch
 
+    from arflow.checkpoint.locate import weights_file
     from arflow.flow.samplers import sample
     from arflow.models import load_pretrained
     from arflow.models.vae import load_vae
     from arflow.utils.images import save_grid, to_uint8
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(args.ckpt, device=device)
+    model = load_pretrained(weights_file(args.ckpt), device=device)
     bad = [c for c in args.classes if not 0 <= c < model.num_classes]
     if bad:
         raise SystemExit(f"--classes {bad} out of range: the model has {model.num_classes} classes")

@@ -4,7 +4,8 @@
   arguments and, optionally, the training config), so `load_pretrained(path)` rebuilds the
   model from the file alone. The trainer's exports (`model.safetensors`, `ema.safetensors`),
   the EMA in every checkpoint and tools/convert_ckpt.py write it with `save_pretrained`;
-  `load_pretrained` is its loader (it also takes a run directory or a checkpoint directory).
+  `load_pretrained` is its loader (it also takes a run directory, a checkpoint step directory
+  or a Hub folder).
 - a Hugging Face Hub folder or repository: `config.json` (the same constructor arguments),
   `model.safetensors` and a model card. `ARFlow.save_pretrained(dir)`,
   `ARFlow.from_pretrained(dir or repo id)` and `push_to_hub` come from hub.py's `HubMixin`;
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..storage.hashing import MANIFEST, HashingWriter, verify_listed
+from ..storage.hashing import HashingWriter, verify_listed
 from ..utils.safe_load import CorruptFileError, UnsafeCheckpointError, load_torch_file
 from .arflow import ARFlow
 from .hub import (
@@ -44,6 +45,7 @@ ARCH_KEY = "arflow.architecture"
 NAME_KEY = "arflow.model"
 CONFIG_KEY = "arflow.config"
 EMA_FILE = "ema.safetensors"  # the EMA weights in a run directory and in each checkpoint
+HUB_CONFIG = "config.json"  # what makes a directory a Hub folder
 
 
 def architecture_of(model: ARFlow) -> dict:
@@ -180,25 +182,22 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def resolve_weights(path: str | Path) -> Path:
-    """The weight file `path` stands for: a file as it is; a run directory or a checkpoint step
-    directory: its EMA weights (`ema.safetensors`); a checkpoint root: the EMA weights of its
-    newest complete step directory (one with a meta.json)."""
+    """The weights `path` stands for: a file as it is; a Hub folder (config.json and
+    model.safetensors) as it is; a run directory or a checkpoint step directory: its EMA weights
+    (`ema.safetensors`). Which step of a checkpoint root is meant is the checkpoint component's
+    rule (`arflow.checkpoint.weights_file`), not a listing's order."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or (path / HUB_CONFIG).is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"weights {path} do not exist")
     if (path / EMA_FILE).is_file():
         return path / EMA_FILE
-    steps = sorted(
-        d for d in path.iterdir() if (d / MANIFEST).is_file() and (d / EMA_FILE).is_file()
+    raise FileNotFoundError(
+        f"{path} holds no weights: expected a .safetensors file, a Hub folder (config.json), a "
+        f"run or checkpoint step directory with {EMA_FILE}, or a checkpoint root (the `arflow` "
+        f"commands take one: arflow.checkpoint.weights_file)"
     )
-    if not steps:
-        raise FileNotFoundError(
-            f"{path} holds no weights: expected a .safetensors file, a run or checkpoint step "
-            f"directory with {EMA_FILE}, or a checkpoint root with complete step directories"
-        )
-    return steps[-1] / EMA_FILE
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> ARFlow:
@@ -207,6 +206,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> ARF
     checked against its recorded size and checksum first, and its metadata against its tensors
     before the model is allocated (`hub.check_weights`)."""
     path = resolve_weights(path)
+    if path.is_dir():  # a Hub folder
+        return ARFlow.from_pretrained(path, map_location=str(device)).to(device).eval()
     verify_listed(str(path))
     meta = read_metadata(path)
     return load_checked(ARFlow, path, meta["architecture"], device)
