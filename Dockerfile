@@ -64,13 +64,14 @@ ARG DS_OPS="FUSED_ADAM"
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0;12.0"
 ARG MAX_JOBS=4
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml LICENSE ./
 COPY tools/container/check_ds_ops.py /usr/local/bin/check_ds_ops.py
-# The metadata alone (no package yet) installs the dependencies, so that editing the code does
-# not rebuild this layer; the package follows below.
+# The metadata alone (no package yet, an empty README) installs the dependencies, so that
+# editing the code or the README does not rebuild this layer; the package follows below.
 RUN --mount=type=bind,from=wheels,target=/wheels \
     --mount=type=secret,id=pip_conf --mount=type=secret,id=ca_bundle \
     for op in $DS_OPS; do export "DS_BUILD_${op}=1"; done \
+    && touch README.md \
     && with-pip-secrets pip install --find-links /wheels --no-build-isolation ".[${ARFLOW_EXTRAS}]" \
     && python /usr/local/bin/check_ds_ops.py $DS_OPS
 
@@ -84,6 +85,7 @@ RUN --mount=type=bind,from=wheels,target=/wheels \
         && python -c "import flash_attn; print('flash-attn', flash_attn.__version__)"; \
     fi
 
+COPY README.md ./
 COPY arflow ./arflow
 RUN pip install --no-build-isolation --no-deps . \
     && arflow --help > /dev/null

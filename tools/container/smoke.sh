@@ -138,7 +138,7 @@ in_image arflow train --config digits_cpu --set "train.steps=$STEPS" --set loggi
 }
 train_seconds=$(($(date +%s) - start))
 jit_files=$(in_image sh -c 'find /tmp/torch_extensions -type f 2>/dev/null | wc -l')
-last_row=$(in_image tail -n 1 runs/digits_cpu/metrics.jsonl)
+last_row=$(in_image sh -c 'grep "\"loss\"" runs/digits_cpu/metrics.jsonl | tail -n 1')  # the last training row
 checkpoints=$(in_image ls runs/digits_cpu/checkpoints)
 
 IMAGE=$IMAGE BASE_IMAGE=$BASE_IMAGE TORCH_VERSION=$torch_version BUILD_SECONDS=$build_seconds \
@@ -158,7 +158,7 @@ result = {
     "help_seconds": float(env["HELP_SECONDS"]),
     "train_steps": int(env["STEPS"]),
     "train_seconds": int(env["TRAIN_SECONDS"]),
-    "last_metrics": json.loads(env["LAST_ROW"]),
+    "last_training_row": json.loads(env["LAST_ROW"]),
     "checkpoints": env["CHECKPOINTS"].split(),
     "jit_compiled_files": int(env["JIT_FILES"]),
 }
