@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "arflow"
 # Lowest first. A module may import modules of its own layer or a lower one. Names are module
 # paths below `arflow`; the longest matching prefix decides a module's layer.
 LAYERS = [
-    {"config", "utils"},  # the schema; helpers that know no model
+    {"config", "utils", "internals"},  # the schema; helpers; adapters over library internals
     {"models"},
     {"flow"},
     {"data", "eval", "distributed"},
