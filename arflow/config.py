@@ -110,9 +110,10 @@ class DataConfig:
     # Unreadable samples skipped per rank (its workers together) before the run stops; counted
     # since the start (or a resume on another layout) and logged as data_bad_samples.
     max_bad_samples: int = 100
-    # Object storage: seconds to connect and to wait for each answer, and attempts per request
-    # (retried with backoff 0.5, 1, 2, 4 s; each retry logged at once). With the defaults an
-    # endpoint that accepts connections but never answers fails within about a minute.
+    # Object storage (data, checkpoints and the run lock alike): seconds to connect and to wait
+    # for each answer, and attempts per request (retried after about 0.5, 1, 2, 4 s with jitter,
+    # longer when the store asks with Retry-After; each retry logged at once). With the defaults
+    # an endpoint that accepts connections but never answers fails within about a minute.
     storage_connect_timeout: float = 5.0
     storage_read_timeout: float = 10.0
     storage_attempts: int = 5
@@ -176,6 +177,10 @@ class CheckpointConfig:
     storage_options: dict | None = None  # fsspec options for a URL (e.g. S3 endpoint_url)
     every: int = 1000  # steps; 0 saves only at the end and on SIGTERM / SIGUSR1
     keep_last: int = 3
+    # Write checkpoints in the background: training waits only while the state is copied to
+    # host memory (about the checkpoint's size in host RAM per save in flight); false writes
+    # in the foreground.
+    async_save: bool = True
 
 
 @dataclass

@@ -19,14 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from arflow.checkpoint import CheckpointError, CheckpointManager, Found, check_compatible
 from arflow.config import Config, ConfigError
-from arflow.distributed.backend import Backend, StepResult
-from arflow.distributed.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    Found,
-    check_compatible,
-)
+from arflow.distributed.backend import Backend, StepResult, resolve_precision
 from arflow.distributed.ema import EMA, local_shard
 from arflow.distributed.env import DistInfo, init_distributed, shutdown
 from arflow.distributed.failure import FailureWatch
@@ -34,6 +29,7 @@ from arflow.distributed.parallelize import build_backend
 from arflow.flow.transport import training_loss
 from arflow.models import ARFlow, architecture_of, save_pretrained
 from arflow.models.vae import load_vae
+from arflow.storage import RetryPolicy
 from arflow.utils.images import grid_pixels, save_grid
 from arflow.utils.metrics import MetricsLogger, StepMetrics, peak_memory_gb
 from arflow.utils.rng import preserved_rng, rng_state, seed_rank, set_rng_state
@@ -88,6 +84,16 @@ class TrainState:
             seed_rank(self.seed + self.step, self.rank)
 
 
+def storage_retry(cfg: Config) -> RetryPolicy:
+    """The retries and timeouts of every object-storage request: data, checkpoints, run lock."""
+    d = cfg.data
+    return RetryPolicy(
+        attempts=d.storage_attempts,
+        connect_timeout=d.storage_connect_timeout,
+        read_timeout=d.storage_read_timeout,
+    )
+
+
 def build_loader(cfg: Config, info: DistInfo):
     """The data pipeline for this rank, checked against the model's input shape."""
     d, m = cfg.data, cfg.model
@@ -100,7 +106,7 @@ def build_loader(cfg: Config, info: DistInfo):
             rank=info.rank,
             seed=cfg.run.seed,
         )
-    from arflow.data import RetryPolicy, SequenceLoader
+    from arflow.data import SequenceLoader
 
     loader = SequenceLoader(
         d.url,
@@ -116,11 +122,7 @@ def build_loader(cfg: Config, info: DistInfo):
         prefetch_factor=d.prefetch_factor,
         min_per_class=d.min_per_class,
         max_bad_samples=d.max_bad_samples,
-        retry=RetryPolicy(
-            attempts=d.storage_attempts,
-            connect_timeout=d.storage_connect_timeout,
-            read_timeout=d.storage_read_timeout,
-        ),
+        retry=storage_retry(cfg),
     )
     manifest = loader.manifest
     expected = (m.in_channels, m.input_size, m.input_size)
@@ -160,7 +162,13 @@ class Trainer:
             check_eval_files(cfg)  # hours before the first evaluation would find them missing
         self.run_dir = Path(cfg.run.dir)
         self.ckpt = CheckpointManager(
-            cfg.checkpoint_dir, info, cfg.checkpoint.keep_last, cfg.checkpoint.storage_options
+            cfg.checkpoint_dir,
+            info,
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.storage_options,
+            retry=storage_retry(cfg),
+            background=cfg.checkpoint.async_save,
+            precision=resolve_precision(cfg, info.device),
         )
         self.grad_accum = cfg.grad_accumulation(info.world_size)
         arch = cfg.model.architecture()
@@ -174,7 +182,7 @@ class Trainer:
         if removed and info.is_main:
             print(f"removed incomplete checkpoints at steps {removed}", flush=True)
         found = self.ckpt.resume_target(resume, overwrite)
-        reshard = check_compatible(found, cfg, info.world_size) if found else False
+        reshard = check_compatible(found, cfg, info) if found else False
 
         self.loader = build_loader(cfg, info)
         # Identical initial weights on every rank (DDP, fully_shard and ZeRO-3 partition them
@@ -213,21 +221,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------ checkpoints
     def save(self) -> str:
+        """Collective: a checkpoint of this step. Training waits only until the state is in host
+        memory (and for the previous save, if still writing); see arflow.checkpoint.manager."""
         t0 = time.perf_counter()
         ema = self.ema_model()  # collective; rank 0 writes it
         url = self.ckpt.save(
             self.step,
-            write_state=self.backend.save_state,
+            stage_state=self.backend.stage_state,
             rank_state=self.state.state_dict(),
-            ema={k: v.cpu() for k, v in ema.state_dict().items()} if self.info.is_main else None,
+            ema=ema.state_dict() if self.info.is_main else None,
             arch=architecture_of(ema),
             config=self.cfg.to_dict(),
-            world_size=self.info.world_size,
         )
         del ema
         seconds = time.perf_counter() - t0
         self.logger.log(self.step, {"checkpoint_seconds": seconds})
-        self.logger.message(f"step {self.step}: checkpoint {url} ({seconds:.2f} s)")
+        how = "writing in the background" if self.cfg.checkpoint.async_save else "written"
+        self.logger.message(f"step {self.step}: checkpoint {url} ({seconds:.2f} s, {how})")
         return url
 
     def _load(self, found: Found, reshard: bool) -> None:
@@ -350,6 +360,7 @@ class Trainer:
                 data = iter(self.loader)
             signals.defer()  # from here on a notice means: finish the step, save, exit 0
             outcome = self._train(data, signals)
+            self.ckpt.wait()  # the last checkpoint committed before the run counts as ended
             if outcome == "done":
                 self.export()
             return outcome
@@ -375,6 +386,7 @@ class Trainer:
             lr = lr_at(state.step, cfg.train.steps, cfg.optim)
             batches = self._next_batches(data)
             result = self.backend.train_step(batches, training_loss, lr, stop=signals.poll)
+            self.ckpt.raise_if_failed()  # a background save that failed stops the run here
             state.record(result.skipped)
             if result.skipped:
                 self._skipped(result)

@@ -1,57 +1,94 @@
 #!/usr/bin/env python
-"""What checksums cost a checkpoint save; prints one JSON document.
+"""How long a checkpoint save stops training: asynchronous against synchronous; prints one JSON
+document.
 
-    python benchmarks/checkpoint.py                         # ARFlow-B/2, 256 px latents
-    python benchmarks/checkpoint.py --model ARFlow-S/2 --repeats 2   # a quick rehearsal
+    python benchmarks/checkpoint.py                                  # ARFlow-B/2, local and S3
+    python benchmarks/checkpoint.py --model ARFlow-S/2 --repeats 1   # a quick rehearsal
+    python benchmarks/checkpoint.py --no-s3                          # local disk only
 
-One process, the DDP backend (torch DCP files), AdamW state after one step, and the EMA. Three
-ways to write the same state, each timed `--repeats` times (median):
-  - `plain`: what saving did before checksums: DCP, the rank file and the EMA written
-    directly, no checksum, no fsync of the data files;
-  - `checked`: the checkpoint component's save (sizes and SHA-256 computed while writing,
-    data files fsync'd before meta.json commits them);
-  - `hash_after`: `plain` plus hashing every file by reading it back (the alternative to
-    hashing while writing).
-`overhead_pct` compares `checked` with `plain`; `fsync_s` is the part of it spent in fsync.
+One process, the DDP backend (torch DCP files), AdamW state after one step, and the EMA: the
+state a trainer saves. For each target — a local directory, and a loopback S3 endpoint (moto's
+server, started here) — the same state is saved `--repeats` times each way (medians):
+  - `plain_s`: DCP, the rank file and the EMA written directly: no checksums, no fsync, no
+    commit marker (local only; what a save costs without the checkpoint component's guarantees);
+  - `sync_s`: the checkpoint component with `checkpoint.async_save: false`: training waits for
+    the whole save (write, checksums, fsync, upload, commit);
+  - `async_stall_s`: the same component with background saves: how long `save` holds the
+    training loop (the copy into host memory); `async_total_s`: until the save is committed.
+`stall_ratio` = async_stall_s / sync_s: the share of a synchronous save's stop that remains.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+
+def moto_endpoint(stack: contextlib.ExitStack) -> str:
+    """A moto S3 server on a free loopback port with one bucket, stopped with `stack`."""
+    import boto3
+
+    from arflow.distributed.env import free_port
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "benchmark")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "benchmark")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    stack.callback(proc.wait)
+    stack.callback(proc.terminate)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="bench")
+    return url
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="ARFlow-B/2")
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--dir", default=None, help="local target (default: a temp dir)")
+    parser.add_argument("--no-s3", action="store_true", help="skip the loopback S3 target")
     args = parser.parse_args()
 
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
+    from arflow.checkpoint import CheckpointManager
     from arflow.config import config_from_dict
-    from arflow.distributed.checkpoint import CheckpointManager
     from arflow.distributed.env import init_distributed
     from arflow.distributed.parallelize import build_backend
     from arflow.models import ARFlow, architecture_of
-    from arflow.utils import integrity
-    from arflow.utils.integrity import file_record, list_files
+    from arflow.storage.hashing import list_files
     from arflow.utils.rng import rng_state
 
     info = init_distributed("cpu")
@@ -72,58 +109,65 @@ def main() -> None:
     for p in backend.trainable.values():  # AdamW state as after a step
         p.grad = torch.randn_like(p) * 1e-3
     backend.optimizer.step()
-    ema_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     arch = architecture_of(model)
     rank_state = {"rng": rng_state(), "data": {"index": 1}}
-
-    base = Path(args.dir or tempfile.mkdtemp(prefix="arflow-ckpt-bench-"))
-    base.mkdir(parents=True, exist_ok=True)
-    fsync_time = [0.0]
-    real_fsync = os.fsync
-
-    def timed_fsync(fd):
-        t = time.perf_counter()
-        real_fsync(fd)
-        fsync_time[0] += time.perf_counter() - t
 
     def plain(target: Path) -> None:
         (target / "trainer").mkdir(parents=True)
         torch.save(rank_state, target / "trainer" / "rank_00000.pt")
-        save_file(ema_state, str(target / "ema.safetensors"))
+        save_file(ema, str(target / "ema.safetensors"))
         dcp.save(backend._state(), checkpoint_id=str(target))
-        (target / "meta.json").write_text(json.dumps({"step": 1}))
 
-    def hash_after(target: Path) -> None:
-        plain(target)
-        for rel in list_files(str(target)):
-            file_record(str(target / rel))
-
-    results = {"plain": [], "hash_after": [], "checked": [], "fsync_s": []}
-    manager = CheckpointManager(str(base / "checked"), info, keep_last=1)
-    for i in range(args.repeats):
-        for name, fn in (("plain", plain), ("hash_after", hash_after)):
-            target = base / f"{name}_{i}"
-            t0 = time.perf_counter()
-            fn(target)
-            results[name].append(time.perf_counter() - t0)
-        fsync_time[0] = 0.0
-        os.fsync = integrity.os.fsync = timed_fsync
+    def component(url: str, options: dict | None, background: bool, step: int) -> tuple:
+        manager = CheckpointManager(
+            url, info, keep_last=1, storage_options=options, background=background
+        )
+        manager.open()
+        manager.resume_target(None, overwrite=True)
         t0 = time.perf_counter()
         manager.save(
-            i + 1,
-            write_state=backend.save_state,
+            step,
+            stage_state=backend.stage_state,
             rank_state=rank_state,
-            ema=ema_state,
+            ema=ema,
             arch=arch,
             config=cfg.to_dict(),
-            world_size=1,
         )
-        results["checked"].append(time.perf_counter() - t0)
-        os.fsync = integrity.os.fsync = real_fsync
-        results["fsync_s"].append(fsync_time[0])
+        stall = time.perf_counter() - t0
+        manager.wait()
+        total = time.perf_counter() - t0
+        manager.close()
+        return stall, total
 
-    size = sum(os.path.getsize(base / "plain_0" / rel) for rel in list_files(str(base / "plain_0")))
-    median = {k: statistics.median(v) for k, v in results.items()}
+    base = Path(args.dir or tempfile.mkdtemp(prefix="arflow-ckpt-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    with contextlib.ExitStack() as stack:
+        targets = {"local": (str(base / "component"), None)}
+        if not args.no_s3:
+            endpoint = moto_endpoint(stack)
+            targets["s3"] = ("s3://bench/ckpt", {"client_kwargs": {"endpoint_url": endpoint}})
+        for name, (url, options) in targets.items():
+            runs: dict[str, list[float]] = {"sync_s": [], "async_stall_s": [], "async_total_s": []}
+            if name == "local":
+                runs["plain_s"] = []
+            for i in range(args.repeats):
+                if name == "local":
+                    target = base / f"plain_{i}"
+                    t0 = time.perf_counter()
+                    plain(target)
+                    runs["plain_s"].append(time.perf_counter() - t0)
+                    shutil.rmtree(target)
+                runs["sync_s"].append(component(url, options, False, 2 * i + 1)[1])
+                stall, total = component(url, options, True, 2 * i + 2)
+                runs["async_stall_s"].append(stall)
+                runs["async_total_s"].append(total)
+            median = {k: round(statistics.median(v), 4) for k, v in runs.items()}
+            median["stall_ratio"] = round(median["async_stall_s"] / median["sync_s"], 3)
+            results[name] = median
+    plain(base / "size")
+    size = sum(os.path.getsize(base / "size" / rel) for rel in list_files(str(base / "size")))
     print(
         json.dumps(
             {
@@ -131,12 +175,8 @@ def main() -> None:
                 "params": sum(p.numel() for p in model.parameters()),
                 "checkpoint_bytes": size,
                 "repeats": args.repeats,
-                "seconds": {k: round(v, 4) for k, v in median.items()},
-                "overhead_pct": round(100 * (median["checked"] / median["plain"] - 1), 1),
-                "hash_after_overhead_pct": round(
-                    100 * (median["hash_after"] / median["plain"] - 1), 1
-                ),
-                "checked_GB_per_s": round(size / 1e9 / max(median["checked"], 1e-9), 3),
+                "cpu_threads": torch.get_num_threads(),
+                **results,
             },
             indent=2,
         )

@@ -37,11 +37,11 @@ import numpy as np
 
 from arflow.data import SequenceLoader, load_manifest
 from arflow.data.shards import tar_members
-from arflow.data.storage import RetryingReader
 from arflow.data.writing.build import build_shards
 from arflow.data.writing.encoders import PixelEncoder
 from arflow.data.writing.sources import DigitsSource
 from arflow.data.writing.synthetic import write_synthetic_latents
+from arflow.storage import RetryingReader
 
 
 def _iterate_members(job) -> tuple[int, int, float]:

@@ -28,6 +28,11 @@ import pytest
 
 from arflow.distributed.env import free_port
 
+# DeepSpeed JIT-compiles its CPU ops into TORCH_EXTENSIONS_DIR, by default one folder shared by
+# every virtual environment of the user, where another environment's build forces a rebuild
+# (minutes): the tests (and the launchers they start) keep theirs inside the environment.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
 DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -90,12 +95,16 @@ class S3Endpoint:
         return name
 
 
+# Set for the whole session, not by a fixture: the environment is restored after every test
+# (restore_environment), and processes started by later tests need the credentials too.
+for _key, _value in DUMMY_AWS_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+
 @pytest.fixture(scope="session")
 def aws_env():
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in DUMMY_AWS_ENV.items():
-            patch.setenv(key, value)
-        yield
+    """Dummy AWS credentials (moto accepts any): set at import for the whole session."""
+    return DUMMY_AWS_ENV
 
 
 @pytest.fixture(scope="session")

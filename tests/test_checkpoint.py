@@ -16,19 +16,21 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from arflow.distributed import run_lock
-from arflow.distributed.checkpoint import (
+from arflow.checkpoint import (
     HEAD,
     META,
     CheckpointDirInUse,
     CheckpointError,
     CheckpointManager,
+    CheckpointRoot,
     fetch,
     find_checkpoint,
     step_dir_name,
 )
+from arflow.checkpoint.retain import remove_incomplete
 from arflow.distributed.env import DistInfo, free_port
-from arflow.distributed.run_lock import RunLockedError
+from arflow.storage import lock as run_lock
+from arflow.storage.lock import RunLockedError
 from arflow.utils.metrics import drop_replayed_rows
 
 
@@ -42,23 +44,36 @@ def info():
 
 
 def writer(payload: str):
-    def write(local_dir, recorder) -> None:
-        with recorder.open("payload.txt") as f:
-            f.write(payload.encode())
+    """A backend's stage_state whose state is one file holding `payload`."""
 
-    return write
+    def stage(local_dir, copy):
+        def write(recorder, group) -> None:
+            with recorder.open("payload.txt") as f:
+                f.write(payload.encode())
+
+        return write
+
+    return stage
 
 
-def save(manager: CheckpointManager, step: int, payload: str = "", write=None) -> str:
-    return manager.save(
+def save(manager: CheckpointManager, step: int, payload: str = "", stage=None) -> str:
+    """A save, waited for (committed) before returning."""
+    url = manager.save(
         step,
-        write_state=write or writer(payload or f"s{step}"),
+        stage_state=stage or writer(payload or f"s{step}"),
         rank_state={"step": torch.tensor(step)},
         ema=None,
         arch={},
         config={},
-        world_size=1,
     )
+    manager.wait()
+    return url
+
+
+def latest(root) -> int | None:
+    """The step `--resume auto` would take in `root` (None: a fresh start)."""
+    found = CheckpointRoot(str(root)).resume_candidates()
+    return found[0].step if found else None
 
 
 def opened(root, info, keep_last=3, resume=None, overwrite=False, **kw) -> CheckpointManager:
@@ -77,12 +92,12 @@ def opened(root, info, keep_last=3, resume=None, overwrite=False, **kw) -> Check
 
 def test_commit_latest_and_keep_last(tmp_path, info):
     manager = opened(tmp_path / "ckpt", info, keep_last=2)
-    assert manager.latest() is None
+    assert latest(tmp_path / "ckpt") is None
     for step in (10, 20, 30):
         save(manager, step)
-    assert manager.complete_steps() == [20, 30]
-    latest = manager.latest()
-    assert latest.step == 30 and latest.meta["world_size"] == 1
+    assert manager.root.complete_steps() == [20, 30]
+    newest = find_checkpoint(str(tmp_path / "ckpt"))
+    assert newest.step == 30 and newest.meta["world_size"] == 1
     assert (tmp_path / "ckpt" / step_dir_name(30) / "payload.txt").read_text() == "s30"
     # A root or a step directory both resolve.
     assert find_checkpoint(str(tmp_path / "ckpt")).step == 30
@@ -94,18 +109,21 @@ def test_interrupted_save_is_ignored_then_removed(tmp_path, info):
     manager = opened(tmp_path / "ckpt", info)
     save(manager, 5, "good")
 
-    def crash(local_dir, recorder) -> None:
-        writer("partial")(local_dir, recorder)
-        raise KeyboardInterrupt  # the process dies after writing some files, before the commit
+    def crash(local_dir, copy):
+        def write(recorder, group) -> None:
+            writer("partial")(local_dir, copy)(recorder, group)
+            raise KeyboardInterrupt  # the process dies after writing some files, before the commit
+
+        return write
 
     with pytest.raises(KeyboardInterrupt):
-        save(manager, 10, write=crash)
+        save(manager, 10, stage=crash)
     assert (tmp_path / "ckpt" / step_dir_name(10) / "payload.txt").exists()
     assert not (tmp_path / "ckpt" / step_dir_name(10) / META).exists()
-    assert manager.latest().step == 5  # the previous checkpoint stays the latest
-    assert manager.remove_incomplete() == [10]
+    assert latest(tmp_path / "ckpt") == 5  # the previous checkpoint stays the latest
+    assert remove_incomplete(manager.root) == [10]
     assert not (tmp_path / "ckpt" / step_dir_name(10)).exists()
-    assert manager.latest().step == 5
+    assert latest(tmp_path / "ckpt") == 5
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_checkpoint(str(tmp_path / "empty"))
     (tmp_path / "empty").mkdir()
@@ -120,9 +138,9 @@ def test_fsspec_url_round_trip(info):
     save(manager, 1, "one")
     save(manager, 2, "two")
     fs = fsspec.filesystem("memory")
-    assert manager.complete_steps() == [2]
+    assert manager.root.complete_steps() == [2]
     assert json.loads(fs.cat(f"/arflow-test/ckpt/{step_dir_name(2)}/{META}"))["step"] == 2
-    found = manager.latest()
+    found = find_checkpoint(root)
     assert found.url.startswith("memory://")
     fetch(found)
     try:
@@ -156,7 +174,7 @@ def test_meta_records_size_and_checksum_of_every_file(tmp_path, info):
 def test_recorder_hashes_large_writes_concurrently_and_correctly(tmp_path):
     import hashlib
 
-    from arflow.utils.integrity import PARALLEL, FileRecorder
+    from arflow.storage.hashing import PARALLEL, FileRecorder
 
     chunks = [os.urandom(3 * PARALLEL), os.urandom(100), os.urandom(PARALLEL + 7)]
     recorder = FileRecorder(str(tmp_path))
@@ -245,7 +263,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path, info, capsys):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == [step_dir_name(25), step_dir_name(30)]
     overwrite = opened(tmp_path, info, overwrite=True)
     assert "--overwrite: deleted checkpoints [25, 30]" in capsys.readouterr().out
-    assert overwrite.complete_steps() == []
+    assert overwrite.root.complete_steps() == []
     overwrite.close()
 
 
@@ -351,7 +369,7 @@ def test_s3_checkpoints_round_trip_with_checksums(moto_s3, info):
     manager = opened(url, info, keep_last=2, storage_options=moto_s3.storage_options)
     for step in (1, 2, 3):
         save(manager, step)
-    assert manager.complete_steps() == [2, 3]
+    assert manager.root.complete_steps() == [2, 3]
     manager.close()
     resumed = CheckpointManager(url, info, 2, storage_options=moto_s3.storage_options)
     resumed.open()
@@ -376,13 +394,12 @@ def test_rollback_keeps_its_lineage_and_protects_the_abandoned_one(tmp_path, inf
     head = json.loads((tmp_path / HEAD).read_text())
     assert head["run"] == b.run_id and head["from"] == str(tmp_path / step_dir_name(20))
     # Before the new branch saves anything, `--resume auto` continues it: step 20, not 30.
-    probe = CheckpointManager(str(tmp_path), info, 1)
-    assert probe.latest().step == 20
+    assert latest(tmp_path) == 20
     save(b, 25)
     save(b, 27)  # keep_last=1 prunes b's 25, never the start (20) nor a's 30
     steps = sorted(p.name for p in tmp_path.glob("step_*"))
     assert steps == [step_dir_name(s) for s in (20, 27, 30)]
-    assert probe.latest().step == 27
+    assert latest(tmp_path) == 27
     save(b, 30)  # the same step as the abandoned branch: that one is moved aside, not deleted
     a_run = a.run_id
     assert (tmp_path / f"{step_dir_name(30)}.abandoned-{a_run}" / "payload.txt").exists()
@@ -593,3 +610,102 @@ def test_trainer_checkpoints_on_s3_and_resumes_from_them(tmp_path, moto_s3):
     out = launch(cfg, "--resume", "auto", "--set", "train.steps=6")
     assert f"resumed from {url}/{step_dir_name(4)} at step 4" in out
     assert metric_steps(tmp_path / "run") == list(range(1, 7))
+
+
+def damage_object(fs, url: str) -> None:
+    """Flip one byte of an S3 object in place (a bad upload, a bit rot)."""
+    data = bytearray(fs.cat_file(url))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(url, bytes(data))
+
+
+@pytest.mark.slow
+def test_s3_falls_back_from_damage_and_continues_past_it_twice_then_rolls_back(tmp_path, moto_s3):
+    """On S3: the newest checkpoint damaged, `--resume auto` falls back to the one before,
+    trains past the damaged step's number (moving the damaged one aside, object by object) and
+    saves; the same again one round later; then a rollback to an older step that reaches steps
+    saved by the branch it abandons. Every start resumes where it should, nothing crash-loops."""
+    from test_distributed import tiny_config
+
+    url = f"s3://{moto_s3.bucket()}/run/ckpt"
+    options = moto_s3.storage_options
+    fs = fsspec.filesystem("s3", **options)
+    cfg = tiny_config(
+        tmp_path,
+        "ddp",
+        train={"steps": 4},
+        checkpoint={"dir": url, "storage_options": options, "every": 2, "keep_last": 10},
+    )
+    launch(cfg)
+
+    def listing() -> list[str]:
+        fs.invalidate_cache()
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(url))
+
+    for newest in (4, 6):  # two rounds: damage the newest, fall back, continue past it
+        damage_object(fs, f"{url}/{step_dir_name(newest)}/ema.safetensors")
+        out = launch(cfg, "--resume", "auto", "--set", f"train.steps={newest + 2}")
+        assert "CHECKPOINT DAMAGED, NOT USED" in out and f"{step_dir_name(newest)}" in out
+        assert f"resumed from {url}/{step_dir_name(newest - 2)} at step {newest - 2}" in out
+        assert f"step {newest} of another lineage" in out
+        aside = [n for n in listing() if n.startswith(f"{step_dir_name(newest)}.abandoned-")]
+        assert len(aside) == 1  # moved aside whole, not lost
+        assert fs.exists(f"{url}/{aside[0]}/{META}")
+        assert metric_steps(tmp_path / "run")[-2:] == [newest + 1, newest + 2]
+
+    out = launch(cfg, "--resume", "auto", "--set", "train.steps=10")
+    assert f"resumed from {url}/{step_dir_name(8)} at step 8" in out
+
+    # A rollback to step 4 (of the second branch) while steps 6-10 exist: it reaches 6 and 8,
+    # moves those aside, and the next `--resume auto` stays on the rollback's branch.
+    out = launch(cfg, "--resume", f"{url}/{step_dir_name(4)}", "--set", "train.steps=8")
+    assert f"resumed from {url}/{step_dir_name(4)} at step 4" in out
+    assert "step 6 of another lineage" in out and "step 8 of another lineage" in out
+    out = launch(cfg, "--resume", "auto", "--set", "train.steps=9")
+    assert f"resumed from {url}/{step_dir_name(8)} at step 8" in out
+    assert step_dir_name(10) in listing()  # the abandoned branch's newest stays untouched
+
+
+FULL_DISK_SAVE = """
+import resource, signal, sys, torch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # writes past 100 KB fail (EFBIG)
+from arflow.checkpoint import CheckpointManager
+from arflow.distributed.env import init_distributed
+
+manager = CheckpointManager(sys.argv[1], init_distributed("cpu"), background=sys.argv[2] == "async")
+manager.open()
+manager.resume_target(None, overwrite=False)
+manager.save(
+    1,
+    stage_state=lambda path, copy: lambda recorder, group: None,
+    rank_state={"big": torch.zeros(100_000)},  # torch.save's zip writer hits the limit
+    ema=None,
+    arch={},
+    config={},
+)
+manager.wait()
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_full_disk_is_named_with_the_file_not_a_torch_internal(tmp_path, mode):
+    """torch.save's zip writer turns a failed write into `[enforce fail at inline_container.cc]
+    unexpected pos`; the save reports the write error itself (errno and file), and nothing is
+    committed. RLIMIT_FSIZE stands in for a full disk (EFBIG, no path of its own, like ENOSPC)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SAVE, str(root), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    file = root / step_dir_name(1) / "trainer" / "rank_00000.pt"
+    assert f"saving step 1 to {root / step_dir_name(1)} failed" in proc.stderr
+    assert f"File too large (writing {file})" in proc.stderr
+    assert "unexpected pos" not in proc.stderr.splitlines()[-1]
+    assert not (root / step_dir_name(1) / META).exists()

@@ -100,11 +100,11 @@ class Timeline(logging.Handler):
         self.records.append((time.monotonic() - self.started, record.getMessage()))
 
     def __enter__(self):
-        logging.getLogger("arflow.data").addHandler(self)
+        logging.getLogger("arflow.storage").addHandler(self)
         return self
 
     def __exit__(self, *exc):
-        logging.getLogger("arflow.data").removeHandler(self)
+        logging.getLogger("arflow.storage").removeHandler(self)
 
 
 def fail_on_silent_endpoint(**data) -> tuple[float, list]:

@@ -115,7 +115,7 @@ def test_endpoint_that_comes_up_late_is_retried_with_backoff(s3_digits, moto_s3,
     try:
         options = {"client_kwargs": {"endpoint_url": proxy.url}}
         started = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="arflow.data"):
+        with caplog.at_level(logging.WARNING, logger="arflow.storage"):
             manifest = load_manifest(
                 s3_digits, options, retry=RetryPolicy(attempts=8, base_delay=0.1)
             )
@@ -129,7 +129,7 @@ def test_connections_cut_mid_transfer_are_resumed(s3_digits, moto_s3, caplog):
     proxy = FaultyProxy(moto_s3.url, cut=8, cut_after=3000)
     try:
         options = {"client_kwargs": {"endpoint_url": proxy.url}}
-        with caplog.at_level(logging.WARNING, logger="arflow.data"):
+        with caplog.at_level(logging.WARNING, logger="arflow.storage"):
             faulty = batches(
                 s3_digits,
                 20,

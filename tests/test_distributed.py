@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import TINY_MODEL_CONFIG
 
+from arflow.checkpoint.export import read_trainer_checkpoint
 from arflow.distributed.env import free_port
-from arflow.distributed.export import read_trainer_checkpoint
 from arflow.models import ARFlow, architecture_of, load_pretrained
 from arflow.utils.images import GAP_PX
 
@@ -373,6 +373,21 @@ def test_zero_stage_change_continues(tmp_path, zero_run, saved, resumed):
     cfg = tiny_config(tmp_path, "deepspeed", resumed, train={"steps": ZERO_STEPS})
     after = resume_and_dump(tmp_path, 2, cfg, reference / "checkpoints" / "step_000000002")
     assert after == {s: v for s, v in losses(reference).items() if s > 2}
+
+
+@pytest.mark.slow
+def test_zero_precision_change_continues(tmp_path, zero_run):
+    """A DeepSpeed checkpoint written in fp32 continues under `parallel.precision: bf16`.
+    DeepSpeed names and lays out its optimizer files by precision (it used to fail with "No such
+    file ... bf16_zero_pp_rank_0 ...", like a damaged checkpoint): the change is detected from
+    meta.json's recorded precision and loaded through the universal checkpoint, with the fp32
+    master weights, Adam moments and EMA that were saved."""
+    reference = zero_run(2, 2)
+    cfg = tiny_config(
+        tmp_path, "deepspeed", 2, train={"steps": ZERO_STEPS}, parallel={"precision": "bf16"}
+    )
+    after = resume_and_dump(tmp_path, 2, cfg, reference / "checkpoints" / "step_000000002")
+    assert sorted(after) == [3, 4] and all(torch.isfinite(torch.tensor(list(after.values()))))
 
 
 def _resume_and_dump(config: str, resume: str, out: str) -> None:

@@ -272,22 +272,21 @@ def test_causal_softmax_architecture_round_trip(tmp_path):
 def test_convert_a_trainer_checkpoint_and_name_its_damage(tmp_path):
     """A checkpoint written by the checkpoint component converts to a file load_pretrained reads;
     a damaged one is reported with the file and step, not converted."""
-    from arflow.distributed.checkpoint import CheckpointError, CheckpointManager
+    from arflow.checkpoint import CheckpointError, CheckpointManager
     from arflow.distributed.env import DistInfo
 
     model = tiny_model(seed=4)
     arch = architecture_of(model)
     config = {"model": {"name": "ARFlow-S/2", **arch}, "parallel": {"backend": "ddp"}}
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    manager = CheckpointManager(str(tmp_path / "ckpt"), info)
+    manager = CheckpointManager(str(tmp_path / "ckpt"), info, background=False)
     step_dir = manager.save(
         7,
-        write_state=lambda path, recorder: None,
+        stage_state=lambda path, copy: lambda recorder, group: None,
         rank_state={},
         ema=model.state_dict(),
         arch=arch,
         config=config,
-        world_size=1,
     )
     out = tmp_path / "converted.safetensors"
     convert_ckpt.main([str(tmp_path / "ckpt"), "--out", str(out)])

@@ -458,32 +458,33 @@ def test_zero3_partitions_are_deepspeeds(process_group):
         assert part.local == safe_get_local_fp32_param(p).numel() >= part.numel, name
 
 
-def test_checkpoint_files_go_through_the_hook_and_need_three_classes(tmp_path, process_group):
+def test_checkpoint_saves_are_intercepted_and_need_three_classes(tmp_path, process_group):
     from arflow.internals import deepspeed as ds_internals
 
     backend = zero_backend(2, process_group)
     train_step(backend)
     engine = backend.model
     original = engine.checkpoint_engine
-    opened = []
-
-    def open_file(path):
-        opened.append(path)
-        return open(path, "wb")
-
-    with ds_internals.files_written_through(engine, open_file):
+    kept = []
+    with ds_internals.saves_intercepted(engine, lambda state, path: kept.append((state, path))):
         engine.save_checkpoint(str(tmp_path), tag="zero", save_latest=False)
     assert engine.checkpoint_engine is original
-    files = sorted(str(p) for p in (tmp_path / "zero").iterdir())
-    assert sorted(opened) == files and len(files) == 2  # model states, optimizer states
+    # DeepSpeed wrote none of its checkpoint files itself: every one came to us.
+    assert sorted((tmp_path / "zero").glob("*.pt")) == []
+    files = sorted(path for _, path in kept)
+    assert [Path(f).parent for f in files] == [tmp_path / "zero"] * 2  # model, optimizer
     with (
         pytest.raises(RuntimeError, match="boom"),
-        ds_internals.files_written_through(engine, open_file),
+        ds_internals.saves_intercepted(engine, lambda state, path: None),
     ):
         raise RuntimeError("boom")
     assert engine.checkpoint_engine is original
 
-    # Its pickles hold tensors, plain values and exactly DeepSpeed's three classes.
+    # Written as DeepSpeedBackend writes them, DeepSpeed loads them back ...
+    for state, path in kept:
+        torch.save(state, path)
+    engine.load_checkpoint(str(tmp_path), tag="zero")
+    # ... and their pickles hold tensors, plain values and exactly DeepSpeed's three classes.
     for path in files:
         load_torch_file(path, ds_internals.PICKLE_CLASSES)
     needed = set()
@@ -503,13 +504,13 @@ def test_universal_checkpoints_cross_the_stage_families(tmp_path, process_group)
     loaded engine holds the saved fp32 weights, and its next step is the saved engine's next
     step up to rounding (Adam's moments and step count came along: an update is ~lr)."""
     from arflow.internals import deepspeed as ds_internals
-    from arflow.utils.integrity import FileRecorder
+    from arflow.storage import FileRecorder
 
     source = zero_backend(2, process_group)
     train_step(source, 0)
     for step, stage in enumerate((3, 1), start=1):
         folder = tmp_path / f"step{step}"
-        source.save_state(str(folder), FileRecorder(str(folder)))
+        source.stage_state(str(folder), None)(FileRecorder(str(folder)), None)
         if step == 1:  # recorded for the converter, which refuses a ZeRO-2 save without it
             states = folder / "zero" / "mp_rank_00_model_states.pt"
             assert "universal_checkpoint_info" in load_torch_file(

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     if args.from_official:
         state, arch, config = official(args)
     else:
-        from arflow.distributed.export import read_trainer_checkpoint
+        from arflow.checkpoint.export import read_trainer_checkpoint
 
         state, arch, config = read_trainer_checkpoint(args.ckpt, use_ema=not args.no_ema)
     out = Path(args.out)
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from arflow.distributed.checkpoint import CheckpointError
+    from arflow.checkpoint import CheckpointError
     from arflow.utils.safe_load import CorruptFileError, UnsafeCheckpointError
 
     try:

@@ -3,7 +3,8 @@
     from arflow.data import load_manifest, Manifest, SequenceLoader
 
 Shared by both sides: ``manifest`` (the shard set's description), ``shards`` (tar format, reading,
-writing), ``storage`` (fsspec access with bounded retries), ``errors``.
+writing), ``errors``; storage access (fsspec, bounded retries) is
+:mod:`arflow.storage`'s.
 Streaming side: ``plan`` (what an epoch holds and who emits it), ``sequences`` (one stream: shards ->
 sequences), ``loader`` (SequenceLoader: batches, resume).
 Writer side: the ``arflow.data.writing`` subpackage (image reading, sources, encoders, build; see
@@ -13,7 +14,7 @@ tools/make_shards.py).
 from arflow.data.errors import BadSampleWarning, DataError, ManifestError, ShardError, StorageError
 from arflow.data.loader import SequenceLoader
 from arflow.data.manifest import Manifest, ShardInfo, load_manifest
-from arflow.data.storage import RetryPolicy
+from arflow.storage import RetryPolicy
 
 __all__ = [
     "BadSampleWarning",

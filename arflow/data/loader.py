@@ -56,7 +56,7 @@ with a BadSampleWarning naming shard and member, and the sequences using it are 
 (``bad_samples`` counts them); past ``max_bad_samples`` (per stream, and summed per rank) a
 ShardError stops the run. A shard that
 decodes but does not hash to the manifest's sha256 raises ShardError. Unreachable storage or wrong
-credentials raise StorageError naming the URL after bounded retries (see :mod:`arflow.data.storage`).
+credentials raise StorageError naming the URL after bounded retries (see :mod:`arflow.storage`).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ from arflow.data.manifest import Manifest, load_manifest
 from arflow.data.plan import Layout, PlanConfig, Planner, PlanView, Position
 from arflow.data.sequences import ReadOptions, SequenceStream, Slots
 from arflow.data.shards import check_shards
-from arflow.data.storage import RetryPolicy
 from arflow.internals.torch import shutdown_workers
+from arflow.storage import RetryPolicy
 from arflow.utils.signals import data_worker_signals
 
 STATE_FORMAT = 1

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from arflow.data.errors import ManifestError
-from arflow.data.storage import RetryPolicy, join_url, parent_url, read_bytes
+from arflow.storage import RetryPolicy, join_url, parent_url, read_bytes
 
 FORMAT = "arflow-class-shards"
 VERSION = 1

@@ -31,7 +31,7 @@ from arflow.data.errors import BadSampleWarning, ShardError
 from arflow.data.manifest import Manifest
 from arflow.data.plan import NOISE, Groups, PlanView, Position
 from arflow.data.shards import iter_shard
-from arflow.data.storage import RetryPolicy
+from arflow.storage import RetryPolicy
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import webdataset as wds
 
 from arflow.data.errors import ShardError
 from arflow.data.manifest import ShardInfo
-from arflow.data.storage import (
+from arflow.storage import (
     HashingWriter,
     RetryingReader,
     RetryPolicy,
@@ -63,7 +63,7 @@ def write_shard(
     storage_options: dict | None = None,
     retry: RetryPolicy = RetryPolicy(),
 ) -> tuple[int, str]:
-    """Write one shard atomically (see ``storage.partial_path``). Returns (bytes, sha256 hex).
+    """Write one shard atomically (see ``arflow.storage.partial_path``). Returns (bytes, sha256 hex).
 
     arrays: the stored array of each sample, all of one dtype and shape; keys: their sample keys.
     A transient storage failure rewrites the shard from the start (bounded by ``retry``).
@@ -82,7 +82,7 @@ def write_shard(
                     )
         if partial != path:
             fs.mv(partial, path)
-        return out.size, out.sha256.hexdigest()
+        return out.size, out.sha256
 
     return retry.call(url, attempt)
 

@@ -1,8 +1,8 @@
 """Distribution from outside the model: process group, backends (DDP, FSDP2, DeepSpeed ZeRO),
-EMA in the backend's layout, and atomic checkpoints."""
+EMA in the backend's layout, host copies of state (staging) and small collectives. Checkpoints
+are arflow.checkpoint's."""
 
 from .backend import Backend, StepResult
-from .checkpoint import CheckpointManager
 from .ema import EMA
 from .env import DistInfo, init_distributed, shutdown
 from .parallelize import BACKENDS, build_backend
@@ -10,7 +10,6 @@ from .parallelize import BACKENDS, build_backend
 __all__ = [
     "BACKENDS",
     "Backend",
-    "CheckpointManager",
     "DistInfo",
     "EMA",
     "StepResult",

@@ -19,12 +19,16 @@ from torch import nn
 
 from arflow.config import Config
 from arflow.distributed.env import DistInfo
-from arflow.utils.integrity import FileRecorder
+from arflow.storage import FileRecorder
 
 # loss_fn(model, x (B, S, C, H, W), y (B,)) -> scalar loss
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # Asked when the step decides: was this rank asked to stop (a preemption notice)?
 StopPoll = Callable[[], bool]
+# write(recorder, group): a checkpoint's backend files, written (see Backend.stage_state).
+StateWriter = Callable[[FileRecorder, object], None]
+# stage(state, key): a copy of `state` in host memory (arflow.distributed.staging.HostStager).
+Stage = Callable[[object, str], object]
 
 
 @dataclass
@@ -134,12 +138,16 @@ class Backend(ABC):
         full tensors (the same on every rank); no communication."""
 
     # ------------------------------------------------------------------------ checkpoints
-    # The checkpoint component (arflow.distributed.checkpoint) owns directories, integrity
-    # and the EMA; a backend only writes and reads its own model and optimizer state.
+    # The checkpoint component (arflow.checkpoint) owns directories, integrity and the EMA; a
+    # backend only writes and reads its own model and optimizer state.
     @abstractmethod
-    def save_state(self, path: str, recorder: FileRecorder) -> None:
-        """Write model and optimizer state under the local directory `path` (every rank),
-        through `recorder` where the library lets us (sizes and checksums while writing)."""
+    def stage_state(self, path: str, stage: Stage | None) -> StateWriter:
+        """Take model and optimizer state for a checkpoint under the local directory `path`
+        (every rank, collectively): copied by `stage(state, key)` into host memory (the
+        training step may change the originals as soon as this returns), or the live tensors
+        when `stage` is None. Returns the function that writes it there — `write(recorder,
+        group)`, through `recorder` where the library lets us (sizes and checksums while
+        writing), collectives on `group` — callable from a background thread."""
 
     @abstractmethod
     def load_state(self, path: str, reshard: bool, shared: bool) -> None:

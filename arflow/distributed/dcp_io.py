@@ -24,7 +24,7 @@ from arflow.internals.dcp import (
     stamp_load_id,
 )
 from arflow.internals.torch import weights_only_damage, weights_only_refusal
-from arflow.utils.integrity import FileRecorder
+from arflow.storage import FileRecorder
 from arflow.utils.safe_load import CorruptFileError, UnsafeCheckpointError
 
 

@@ -110,8 +110,13 @@ class NativeBackend(Backend):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save_state(self, path, recorder):
-        dcp.save(self._state(), storage_writer=RecordingWriter(path, recorder))
+    def stage_state(self, path, stage):
+        state = self._state() if stage is None else stage(self._state(), "dcp")
+
+        def write(recorder, group):
+            dcp.save(state, storage_writer=RecordingWriter(path, recorder), process_group=group)
+
+        return write
 
     def load_state(self, path, reshard, shared):
         state = self._state()

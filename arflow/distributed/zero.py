@@ -240,13 +240,32 @@ class DeepSpeedBackend(Backend):
         return out
 
     # ------------------------------------------------------------------------ checkpoints
-    def save_state(self, path, recorder):
-        # Every file through the recorder: hashed on the way out.
-        with ds.files_written_through(self.model, recorder.open):
+    def stage_state(self, path, stage):
+        # DeepSpeed hands every file it saves to its checkpoint engine: here each is kept (its
+        # state dict copied by `stage` into host memory, keyed by the file's path inside the
+        # checkpoint, so host buffers are reused from save to save) and the writer writes them
+        # later, hashing on the way out. DeepSpeed's own direct writes (its recovery script)
+        # land in `path` now.
+        files: list[tuple[dict, str]] = []
+
+        def keep(state_dict: dict, file: str) -> None:
+            if stage is not None:
+                state_dict = stage(state_dict, os.path.relpath(file, path))
+            files.append((state_dict, file))
+
+        with ds.saves_intercepted(self.model, keep):
             self.model.save_checkpoint(path, tag=TAG, save_latest=False)
-        if self.info.is_main:
-            with recorder.open("deepspeed_config.json") as f:
-                f.write(json.dumps(self.ds_config, indent=2).encode())
+        config = json.dumps(self.ds_config, indent=2).encode() if self.info.is_main else None
+
+        def write(recorder, group):
+            for state_dict, file in files:
+                with recorder.open(file) as f:
+                    torch.save(state_dict, f)
+            if config is not None:
+                with recorder.open("deepspeed_config.json") as f:
+                    f.write(config)
+
+        return write
 
     def load_state(self, path, reshard, shared):
         # DeepSpeed unpickles its files with weights_only=False: each is vetted first.

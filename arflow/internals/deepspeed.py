@@ -8,7 +8,7 @@ imported, the per-engine ones by `check_engine` when the backend is built.
 - The ZeRO optimizer's `_global_grad_norm`: the step's norm while the step runs (the engine's
   public copy is refreshed only afterwards).
 - `engine.checkpoint_engine`, through whose `save(state_dict, path)` every checkpoint file
-  goes: swapped for a save to write through the checkpoint's recorder.
+  goes: swapped during a save, so that ARFlow stages and writes each file itself.
 - The three plain classes DeepSpeed's checkpoint pickles hold (PICKLE_CLASSES).
 - The universal-checkpoint converter (`ds_to_universal`, driven through its own argument
   parser), the `universal_checkpoint_info` it requires of a ZeRO-1/2 checkpoint, and the layout
@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import deepspeed
 import torch
@@ -199,30 +199,27 @@ def global_grad_norm(optimizer) -> torch.Tensor | float | None:
 
 # ------------------------------------------------------------------------ checkpoints
 @contextlib.contextmanager
-def files_written_through(
-    engine, open_file: Callable[[str], contextlib.AbstractContextManager[BinaryIO]]
-) -> Iterator[None]:
-    """Inside, every file the engine's `save_checkpoint` writes is `torch.save`d into
-    `open_file(path)` (path as DeepSpeed names it) instead of DeepSpeed's own file."""
+def saves_intercepted(engine, save: Callable[[dict, str], None]) -> Iterator[None]:
+    """Inside, every file the engine's `save_checkpoint` would write through its checkpoint
+    engine goes to `save(state_dict, path)` instead (path as DeepSpeed names it); writing it,
+    with `torch.save` in torch's zip format (DeepSpeed's default), is the caller's."""
     inner = engine.checkpoint_engine
-    engine.checkpoint_engine = _WritingThrough(inner, open_file)
+    engine.checkpoint_engine = _Intercepting(inner, save)
     try:
         yield
     finally:
         engine.checkpoint_engine = inner
 
 
-class _WritingThrough:
-    """A checkpoint engine whose `save` writes into `open_file(path)`; everything else is the
-    wrapped engine's. torch's zip format, DeepSpeed's default."""
+class _Intercepting:
+    """A checkpoint engine whose `save` calls `save`; everything else is the wrapped engine's."""
 
-    def __init__(self, inner, open_file):
+    def __init__(self, inner, save):
         self._inner = inner
-        self._open_file = open_file
+        self._save = save
 
     def save(self, state_dict, path: str) -> None:
-        with self._open_file(path) as f:
-            torch.save(state_dict, f)
+        self._save(state_dict, path)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)

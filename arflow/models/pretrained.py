@@ -20,7 +20,7 @@ import torch
 
 from arflow.config import MODEL_NAMES, model_kwargs
 
-from ..utils.integrity import MANIFEST, HashingWriter, verify_listed
+from ..storage.hashing import MANIFEST, HashingWriter, verify_listed
 from ..utils.safe_load import CorruptFileError, UnsafeCheckpointError, load_torch_file
 from .arflow import ARFlow
 

@@ -3,7 +3,7 @@
 Each class's images are shuffled (seeded), then split into near-equal shards of at most
 ``shard_size`` bytes, so a big class spans several shards and no shard is much smaller than the
 others. A shard is written under a temporary name and renamed when complete (on S3, where an upload
-is invisible until complete, in place; see ``storage.partial_path``), and a small sidecar
+is invisible until complete, in place; see ``arflow.storage.partial_path``), and a small sidecar
 ``<shard>.json`` records its checksum and a fingerprint of what went into it; a re-run skips every
 shard whose sidecar fingerprint matches and whose bytes still hash to the recorded sha256, so an
 interrupted run resumes where it stopped. The manifest is written last, by rank 0 alone.
@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from arflow.data.manifest import MANIFEST_NAME, VERSION, Manifest, ShardInfo
 from arflow.data.shards import record_bytes, sample_key, write_shard
-from arflow.data.storage import RetryingReader, RetryPolicy, join_url, read_bytes, write_atomic
 from arflow.data.writing.encoders import PixelEncoder, VaeEncoder
 from arflow.data.writing.sources import DigitsSource, ImageFolderSource
+from arflow.storage import RetryingReader, RetryPolicy, join_url, read_bytes, write_atomic
 
 log = logging.getLogger("arflow.data")
 

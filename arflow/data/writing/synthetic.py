@@ -8,7 +8,7 @@ import numpy as np
 
 from arflow.data.manifest import MANIFEST_NAME, VERSION, Manifest, ShardInfo
 from arflow.data.shards import sample_key, write_shard
-from arflow.data.storage import join_url, write_atomic
+from arflow.storage import join_url, write_atomic
 
 
 def write_synthetic_latents(

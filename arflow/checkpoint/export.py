@@ -13,8 +13,10 @@ import os
 import torch
 import torch.distributed.checkpoint as dcp
 
+from arflow.checkpoint.layout import CheckpointError
+from arflow.checkpoint.locate import find_checkpoint
+from arflow.checkpoint.verify import verify
 from arflow.config import ModelConfig
-from arflow.distributed.checkpoint import CheckpointError, find_checkpoint, verify
 from arflow.distributed.dcp_io import SafeFileSystemReader, SafeLoadPlanner
 from arflow.models import ARFlow
 from arflow.models.pretrained import EMA_FILE, architecture_of, read_metadata

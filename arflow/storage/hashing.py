@@ -7,7 +7,10 @@ read, so that a truncated or bit-flipped file is named instead of silently loade
     recorder.records  # {"trainer/rank_00000.pt": {"size": ..., "sha256": ...}}
     problems = verify_files(root, recorder.records)    # [] when every file is intact
 
-Write errors (disk full, permissions, file too large) are re-raised as OSError naming the path.
+Nothing a listing says is trusted: a listed path must be relative and stay inside the root, name
+a regular file (no link, device or directory), and is read for at most its recorded size.
+Write errors (disk full, permissions, file too large) are re-raised as OSError naming the path,
+also when a library (torch.save's zip writer) swallows them and fails with a message of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import functools
 import hashlib
 import json
 import os
+import posixpath
+import stat
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +30,7 @@ PARALLEL = 1 << 20  # writes at least this large are hashed concurrently with th
 # A directory whose MANIFEST lists its files under "files" ({relpath: {"size", "sha256"}}), as
 # the trainer's checkpoint step directories do.
 MANIFEST = "meta.json"
+MAX_FILE_BYTES = 1 << 42  # 4 TiB: a recorded size beyond this is not a real checkpoint file
 
 
 @functools.cache
@@ -34,18 +40,29 @@ def _hasher() -> ThreadPoolExecutor:
 
 class HashingWriter:
     """A binary file open for writing that hashes and counts every byte written through it.
-    Enough of the file protocol for torch.save, safetensors bytes and torch DCP's writer."""
+    Enough of the file protocol for torch.save, safetensors bytes, tar writers and torch DCP.
 
-    def __init__(self, path: str, on_close=None, fsync: bool = True):
-        self.path = path
+    `file`: an open binary file (local or fsspec), or a local path to create. `name` is what
+    errors say (default: the path). A local path is fsync'd at close when `fsync`. The first
+    write error is kept in `error`, so a caller whose library turned it into another exception
+    can raise the named one instead (`raise_write_error`)."""
+
+    def __init__(self, file, name: str | None = None, on_close=None, fsync: bool = False):
+        self.name = name or (file if isinstance(file, str) else getattr(file, "name", "?"))
+        self._owned = isinstance(file, str)
         self._on_close = on_close
-        self._fsync = fsync
+        self._fsync = fsync and self._owned
         self._hash = hashlib.sha256()
         self.size = 0
+        self.error: OSError | None = None
         try:
-            self._file = open(path, "wb")  # noqa: SIM115 (closed in close())
+            self._file = open(file, "wb") if self._owned else file  # noqa: SIM115 (see close)
         except OSError as err:
-            raise _named(err, path) from None
+            raise _named(err, self.name) from None
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -56,7 +73,8 @@ class HashingWriter:
         try:
             written = self._file.write(view)
         except OSError as err:
-            raise _named(err, self.path) from None
+            self.error = self.error or _named(err, self.name)
+            raise self.error from None
         finally:
             if pending is not None:
                 pending.result()
@@ -72,7 +90,8 @@ class HashingWriter:
         try:
             self._file.flush()
         except OSError as err:
-            raise _named(err, self.path) from None
+            self.error = self.error or _named(err, self.name)
+            raise self.error from None
 
     def fileno(self) -> int:
         return self._file.fileno()
@@ -94,14 +113,22 @@ class HashingWriter:
             self._file.flush()
             if self._fsync:  # on disk before the checkpoint that lists it is committed
                 os.fsync(self._file.fileno())
-            self._file.close()
+            if self._owned:
+                self._file.close()
         except OSError as err:
-            raise _named(err, self.path) from None
+            self.error = self.error or _named(err, self.name)
+            raise self.error from None
         if self._on_close is not None:
-            self._on_close(self.path, {"size": self.size, "sha256": self._hash.hexdigest()})
+            self._on_close(self, {"size": self.size, "sha256": self.sha256})
 
     def abort(self) -> None:
-        self._file.close()
+        if self._owned:
+            self._file.close()
+
+    def raise_write_error(self) -> None:
+        """Raise the write error this file met, if any (named)."""
+        if self.error is not None:
+            raise self.error
 
     def __enter__(self) -> HashingWriter:
         return self
@@ -121,13 +148,14 @@ def _named(err: OSError, path: str) -> OSError:
 
 
 class FileRecorder:
-    """Size and checksum of each file written under `root`, keyed by relative path (`/`).
-    Thread-safe: torch DCP writes files from several threads."""
+    """Size and checksum of each file written under the local directory `root`, keyed by
+    relative path (`/`). Thread-safe: torch DCP writes files from several threads."""
 
     def __init__(self, root: str, fsync: bool = True):
         self.root = root
         self.fsync = fsync
         self.records: dict[str, dict] = {}
+        self._writers: list[HashingWriter] = []
         self._lock = threading.Lock()
 
     def relpath(self, path: str) -> str:
@@ -136,11 +164,14 @@ class FileRecorder:
     def open(self, relpath_or_path: str) -> HashingWriter:
         path = os.path.join(self.root, relpath_or_path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return HashingWriter(path, on_close=self._record, fsync=self.fsync)
-
-    def _record(self, path: str, record: dict) -> None:
+        writer = HashingWriter(path, on_close=self._record, fsync=self.fsync)
         with self._lock:
-            self.records[self.relpath(path)] = record
+            self._writers.append(writer)
+        return writer
+
+    def _record(self, writer: HashingWriter, record: dict) -> None:
+        with self._lock:
+            self.records[self.relpath(writer.name)] = record
 
     def rename(self, src: str, dst: str) -> None:
         """A recorded file renamed (written under a temporary name, then moved in place)."""
@@ -156,6 +187,14 @@ class FileRecorder:
         for rel in relpaths:
             if rel not in self.records:
                 self.records[rel] = file_record(os.path.join(self.root, rel))
+
+    def raise_write_error(self) -> None:
+        """Raise the first write error any of this recorder's files met (disk full, ...),
+        naming the file; a library may have reported it as something else."""
+        with self._lock:
+            errors = [w.error for w in self._writers if w.error is not None]
+        if errors:
+            raise errors[0]
 
 
 def file_record(path: str) -> dict:
@@ -176,14 +215,58 @@ def list_files(root: str) -> list[str]:
     return sorted(out)
 
 
+def unsafe_relpath(rel) -> str | None:
+    """Why `rel` cannot name a file inside a directory (absolute, `..`, empty parts,
+    backslashes, NUL), or None when it is a plain relative path."""
+    if not isinstance(rel, str) or not rel:
+        return "not a relative path"
+    if "\\" in rel or "\x00" in rel:
+        return "contains a backslash or NUL"
+    if rel.startswith("/") or posixpath.isabs(rel):
+        return "an absolute path"
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "has empty, '.' or '..' parts"
+    return None
+
+
+def bad_record(record) -> str | None:
+    """Why a listing's record ({"size", "sha256"}) is unusable, or None."""
+    if not isinstance(record, dict):
+        return "its record is not an object"
+    size, sha = record.get("size"), record.get("sha256")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:
+        return f"recorded size {size!r} is not a number of bytes in [0, {MAX_FILE_BYTES}]"
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        return f"recorded sha256 {sha!r} is not 64 hex digits"
+    return None
+
+
 def verify_file(root: str, rel: str, expected: dict) -> str | None:
-    """None when `root/rel` has the expected size and checksum, else what is wrong."""
-    path = os.path.join(root, rel)
+    """None when `root/rel` is a regular file inside `root` with the expected size and
+    checksum, else what is wrong. Reads at most the recorded size (+1 byte to see more)."""
+    why = unsafe_relpath(rel) or bad_record(expected)
+    if why:
+        return f"{rel!r}: listed path refused ({why})"
+    path = os.path.join(root, *rel.split("/"))
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        return f"{rel}: resolves outside the checkpoint (a link), refused"
     try:
-        size = os.path.getsize(path)
-        if size != expected["size"]:
-            return f"{rel}: {size} bytes, expected {expected['size']} (truncated or overwritten)"
-        if file_record(path)["sha256"] != expected["sha256"]:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return f"{rel}: not a regular file (a link, device or directory), refused"
+        if info.st_size != expected["size"]:
+            return (
+                f"{rel}: {info.st_size} bytes, expected {expected['size']} (truncated or "
+                f"overwritten)"
+            )
+        h, left = hashlib.sha256(), expected["size"] + 1
+        with open(path, "rb") as f:
+            while left > 0 and (chunk := f.read(min(CHUNK, left))):
+                h.update(chunk)
+                left -= len(chunk)
+        if left != 1 or h.hexdigest() != expected["sha256"]:
             return f"{rel}: checksum mismatch (the file's contents changed after it was written)"
     except FileNotFoundError:
         return f"{rel}: missing"
@@ -208,9 +291,11 @@ def verify_listed(path: str) -> None:
     if not os.path.isfile(manifest):
         return
     try:
-        with open(manifest) as f:
-            files = json.load(f).get("files", {})
-    except ValueError as err:
-        raise ValueError(f"{manifest} is corrupt (not JSON: {err})") from None
-    if name in files and (problem := verify_file(directory, name, files[name])):
-        raise ValueError(f"{directory}: {problem}")
+        with open(manifest, "rb") as f:
+            files = json.loads(f.read(64 << 20)).get("files", {})
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{manifest} is corrupt (not a JSON object: {err})") from None
+    if isinstance(files, dict) and name in files:
+        problem = verify_file(directory, name, files[name])
+        if problem:
+            raise ValueError(f"{directory}: {problem}")
