@@ -1,8 +1,10 @@
 # The README's two commands are `make demo` and `make test`; both create the venv when missing.
+# Each installs only what it runs: the demo the `train` extra, the tests the `dev` extra.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: venv test bench clean demo format
 
@@ -15,26 +17,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# Training, sampling and the demo's classifier (scikit-learn, in the `data` extra that `train`
+# pulls in): no test tools, no evaluation or VAE libraries.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[train]'
+	touch $(DEMO_STAMP)
+
 # Lint and format check first (ruff, configured in pyproject.toml), then the suite.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
-# The main job on the embedded default: scikit-learn's digits as shards, trained by 2 CPU
-# processes under the deepspeed launcher; then an EMA sample grid and the class-consistency of
-# 1,000 samples. Re-running resumes from (or just re-reports) the last checkpoint.
+# The main job on the embedded default (`arflow demo --help`): scikit-learn's digits as shards,
+# trained by 2 CPU processes under the deepspeed launcher; then an EMA sample grid and the
+# class-consistency of 1,000 samples. Re-running resumes from (or just re-reports) the last
+# checkpoint.
 DEMO_DATA ?= data/digits
 DEMO_RUN  ?= runs/digits_cpu
 
-demo: $(STAMP) $(DEMO_DATA)/manifest.json
-	$(VENV)/bin/deepspeed --num_gpus 2 launchers/train.py --config configs/digits_cpu.json \
-		--set data.url=$(DEMO_DATA) --set run.dir=$(DEMO_RUN) --resume auto
-	$(PY) -m arflow.utils.digits_demo --config configs/digits_cpu.json --set run.dir=$(DEMO_RUN)
-	@echo "outputs in $(DEMO_RUN): metrics.jsonl, checkpoints/, samples/, digits_grid.png, ema.safetensors, wandb/"
-
-$(DEMO_DATA)/manifest.json: $(STAMP)
-	$(PY) tools/make_shards.py digits --out $(DEMO_DATA) --image-size 8 --no-progress
+demo: $(DEMO_STAMP)
+	$(VENV)/bin/arflow demo --data $(DEMO_DATA) --run-dir $(DEMO_RUN)
 
 # Apply the formatter and the safe lint fixes.
 format: $(STAMP)

@@ -1,9 +1,11 @@
 """The one typed configuration schema of a training run.
 
-A run is described by a JSON file (see `configs/`) plus `--set key.path=value` overrides. Every
-section is a dataclass; `load_config` checks every key and type and `Config.validate` checks the
-combinations that need the world size, all before any model, data or process group is built.
-Errors are `ConfigError`s whose message starts with the offending key path.
+A run is described by a JSON file (a shipped config named by its stem, e.g. `digits_cpu`, or a
+path) plus `--set key.path=value` overrides. Every section is a dataclass whose fields carry
+their meaning as attribute docstrings (the string under each field; `arflow config` prints
+them). `load_config` checks every key and type and `Config.validate` checks the combinations
+that need the world size, all before any model, data or process group is built. Errors are
+`ConfigError`s whose message starts with the offending key path (or the file).
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# The configs shipped inside the package (`--config xl_256` names configs/xl_256.json there).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+# Checkpoint step directories are named step_%09d: no step count may need a tenth digit.
+MAX_STEP = 999_999_999
+STEP_KEYS = (
+    "train.steps",
+    "checkpoint.every",
+    "eval.every",
+    "samples.every",
+    "logging.every",
+    "optim.warmup_steps",
+)
+# Deeper JSON is refused: the schema nests 3 levels and storage options a few more; recursion
+# over a pathological document would otherwise fail far from the file that caused it.
+MAX_DEPTH = 16
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key path (e.g. `train.micro_batch_size`)."""
@@ -24,10 +42,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
+    """The run's identity and output directory."""
+
     name: str = "arflow"
-    # Output directory: metrics.jsonl, sample grids, wandb files, and checkpoints by default.
+    """Name of the run: the wandb run name and the progress bar's label."""
     dir: str = "runs/arflow"
+    """Output directory: metrics.jsonl, sample grids, wandb files, the final model.safetensors
+    and ema.safetensors, and the checkpoints unless checkpoint.dir is set."""
     seed: int = 0
+    """Seed of the initial weights, the data order, the noise levels and the label dropout."""
 
 
 # ---------------------------------------------------------------------------- model zoo
@@ -60,21 +83,32 @@ def model_kwargs(name: str) -> dict:
 
 @dataclass
 class ModelConfig:
-    # A zoo name "ARFlow-{S,B,L,XL}/{2,4,8}"; depth / hidden_size / num_heads override the zoo's
-    # values (small models for CPU runs) and are null to keep them.
+    """The network: a zoo size, the data's shape and the attention across images."""
+
     name: str = "ARFlow-XL/2"
+    """A zoo name "ARFlow-{S,B,L,XL}/{2,4,8}": size (depth, width, heads) and patch size."""
     input_size: int = 32
+    """Side of the model's input in pixels or latent cells (32 for 256 px SD-VAE latents)."""
     in_channels: int = 4
+    """Channels of the input: 4 for SD-VAE latents, 3 for RGB pixels."""
     num_classes: int = 1000
+    """Number of class labels the model is conditioned on."""
     learn_sigma: bool = True
+    """Output twice the input channels and drop the extra half, as the public release does
+    (its checkpoints have that shape)."""
     class_dropout_prob: float = 0.1
+    """Probability of replacing a label by the null class in training (classifier-free
+    guidance); above 0 it adds the null-class row to the label table."""
     depth: int | None = None
+    """Transformer blocks; null keeps the zoo's value (override it for small CPU models)."""
     hidden_size: int | None = None
+    """Width of the blocks; null keeps the zoo's value."""
     num_heads: int | None = None
-    # "hybrid": the paper's model. "causal_softmax": its attention ablation, one block-causal
-    # softmax across the images instead of the linear state (no gt_proj; the sampling state is
-    # a key/value cache that grows with every step).
+    """Attention heads; null keeps the zoo's value."""
     attention: Literal["hybrid", "causal_softmax"] = "hybrid"
+    """"hybrid": the paper's model. "causal_softmax": its attention ablation, one block-causal
+    softmax across the images instead of the linear state (no gt_proj; the sampling state is a
+    key/value cache that grows with every step)."""
 
     def architecture(self) -> dict:
         """Keyword arguments of `ARFlow(...)`; they fix every parameter shape."""
@@ -96,116 +130,196 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Directory or fsspec URL (s3://...) of class-bucketed shards with a manifest.json, or
-    # "synthetic" for random tensors of the model's shape (benchmarks, smoke tests).
+    """The training data: class-bucketed shards streamed into sequences of one class."""
+
     url: str = "synthetic"
+    """Directory or fsspec URL (s3://...) of class-bucketed shards with a manifest.json, or
+    "synthetic" for random tensors of the model's shape (benchmarks, smoke tests)."""
     seq_len: int = 5
+    """Images per training sequence (n), all of one class, at increasing noise levels."""
     num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
     class_sampling: Literal["uniform", "proportional"] = "uniform"
+    """"uniform": every class yields the same number of sequences per epoch (the release draws
+    a uniformly random class per sequence); "proportional": every stored sample once per epoch."""
     storage_options: dict | None = None
+    """fsspec options for a data URL, e.g. {"client_kwargs": {"endpoint_url": URL}} for an
+    S3-compatible store."""
     prefetch_factor: int = 2
-    # Classes with fewer samples are dropped with a warning; null: every class must hold at
-    # least seq_len samples, else the run stops before training and names them.
+    """Batches each loader worker prepares ahead."""
     min_per_class: int | None = None
-    # Unreadable samples skipped per rank (its workers together) before the run stops; counted
-    # since the start (or a resume on another layout) and logged as data_bad_samples.
+    """Classes with fewer samples are dropped with a warning; null: every class must hold at
+    least seq_len samples, else the run stops before training and names them."""
     max_bad_samples: int = 100
-    # Object storage (data, checkpoints and the run lock alike): seconds to connect and to wait
-    # for each answer, and attempts per request (retried after about 0.5, 1, 2, 4 s with jitter,
-    # longer when the store asks with Retry-After; each retry logged at once). With the defaults
-    # an endpoint that accepts connections but never answers fails within about a minute.
+    """Unreadable samples skipped per rank (its workers together) before the run stops; counted
+    since the start (or a resume on another layout) and logged as data_bad_samples."""
     storage_connect_timeout: float = 5.0
+    """Object storage (data, checkpoints and the run lock alike): seconds to wait for a
+    connection. With the storage defaults an endpoint that accepts connections but never answers
+    fails within about a minute."""
     storage_read_timeout: float = 10.0
+    """Object storage: seconds to wait for each answer."""
     storage_attempts: int = 5
+    """Object storage: attempts per request, retried after about 0.5, 1, 2, 4 s with jitter,
+    longer when the store asks with Retry-After (each retry is logged at once)."""
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """A torch.profiler window: the `steps` optimizer steps numbered start, start + 1, ...
+    (step 1 is the first), traced on every rank to <run.dir>/profile/ (Chrome trace JSON, which
+    TensorBoard's profiler plugin and Perfetto read), with a CUDA memory snapshot on GPUs.
+    `steps: 0` (the default) profiles nothing."""
+
+    start: int = 10
+    """The first optimizer step traced (step 1 is the first of the run)."""
+    steps: int = 0
+    """Optimizer steps traced; 0 profiles nothing."""
+
+    def __post_init__(self):
+        _check(self.start >= 1, "profile.start", f"must be >= 1, got {self.start}")
+        _check(self.steps >= 0, "profile.steps", f"must be >= 0, got {self.steps}")
 
 
 @dataclass
 class TrainConfig:
+    """The optimisation loop."""
+
     steps: int = 1000
+    """Optimizer steps of the run (at most 999,999,999: checkpoints are named step_%09d)."""
     global_batch_size: int = 256
+    """Sequences per optimizer step over all ranks: a multiple of world size x
+    micro_batch_size (the quotient is the gradient accumulation)."""
     micro_batch_size: int = 32
-    # The threshold of grad_clip_mode; 0 disables clipping. "value" clamps every gradient
-    # element to [-grad_clip, grad_clip] (the public release: 3.0); "norm" rescales the whole
-    # gradient to a global L2 norm <= grad_clip. The logged grad_norm is taken before clipping.
+    """Sequences per rank per forward/backward pass."""
     grad_clip: float = 3.0
+    """The threshold of grad_clip_mode; 0 disables clipping. The logged grad_norm is taken
+    before clipping."""
     grad_clip_mode: Literal["value", "norm"] = "value"
-    # Consecutive steps with a non-finite loss or gradient after which the run stops.
+    """"value" clamps every gradient element to [-grad_clip, grad_clip] (the public release:
+    3.0); "norm" rescales the whole gradient to a global L2 norm <= grad_clip."""
     max_nonfinite_steps: int = 10
+    """Consecutive steps with a non-finite loss or gradient (each skipped) after which the run
+    stops."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """A torch.profiler window (off by default): see ProfileConfig."""
 
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
     lr: float = 1e-4
+    """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's (beta1, beta2)."""
     eps: float = 1e-8
-    weight_decay: float = 0.02  # not applied to 1-D parameters (norms, biases, embeddings' bias)
+    """AdamW's epsilon (> 0: it guards a division)."""
+    weight_decay: float = 0.02
+    """Decoupled weight decay; not applied to 1-D parameters (norms, biases)."""
     warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to lr."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    min_lr_ratio: float = 0.0  # end of the cosine / linear decay, as a fraction of lr
+    """Learning rate after the warm-up: constant (the release), or a cosine / linear decay to
+    min_lr_ratio x lr at the last step."""
+    min_lr_ratio: float = 0.0
+    """End of the cosine / linear decay, as a fraction of lr."""
 
 
 @dataclass
 class EMAConfig:
+    """The exponential moving average of the weights (what is sampled and exported)."""
+
     decay: float = 0.9999
+    """EMA decay, applied after every optimizer step."""
 
 
 @dataclass
 class ParallelConfig:
+    """How the model is distributed and computed."""
+
     backend: Literal["deepspeed", "fsdp2", "ddp"] = "deepspeed"
-    zero_stage: int = 2  # DeepSpeed only: 1, 2 or 3
-    # "bf16": bf16 activations (TF32 for what stays fp32); "tf32": fp32 weights and activations
-    # with TF32 matmuls, as the public release trains; "fp32": exact. "auto": bf16 on CUDA, fp32
-    # on CPU (where tf32 is plain fp32). Master weights and optimizer state are fp32 always.
+    """Data-parallel backend: DeepSpeed ZeRO, PyTorch FSDP2 or DDP."""
+    zero_stage: int = 2
+    """DeepSpeed only: ZeRO stage 1, 2 or 3."""
     precision: Literal["auto", "bf16", "tf32", "fp32"] = "auto"
-    activation_checkpointing: bool = False  # per transformer block
-    # torch.compile each transformer block and the final layer (one graph each) before the
-    # backend wraps or shards them. "auto": on for CUDA, off for CPU (where compiling costs more
-    # than a short run gains) and under DeepSpeed ZeRO-3, whose per-module parameter hooks
-    # cannot be compiled (true there is refused).
+    """"bf16": bf16 activations (TF32 for what stays fp32); "tf32": fp32 weights and activations
+    with TF32 matmuls, as the public release trains; "fp32": exact. "auto": bf16 on CUDA, fp32
+    on CPU (where tf32 is plain fp32). Master weights and optimizer state are fp32 always."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass instead of keeping activations."""
     compile: bool | Literal["auto"] = "auto"
+    """torch.compile each transformer block and the final layer (one graph each) before the
+    backend wraps or shards them. "auto": on for CUDA, off for CPU (where compiling costs more
+    than a short run gains) and under DeepSpeed ZeRO-3, whose per-module parameter hooks cannot
+    be compiled (true there is refused)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    # How long a collective (or barrier) may wait for the other ranks before the process group
-    # fails it. A rank that raises stops the others within seconds regardless (see README,
-    # "When something fails"); this bounds the rest, e.g. NCCL peers of a rank killed outright.
-    # It must exceed the longest legitimate wait: rank 0 converting a checkpoint, a slow save.
+    """Where to train: "auto" takes CUDA when present."""
     collective_timeout_s: float = 1800.0
+    """How long a collective (or barrier) may wait for the other ranks before the process group
+    fails it. A rank that raises stops the others within seconds regardless; this bounds the
+    rest, e.g. NCCL peers of a rank killed outright. It must exceed the longest legitimate
+    wait: rank 0 converting a checkpoint, a slow save."""
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = None  # local path or fsspec URL; default <run.dir>/checkpoints
-    storage_options: dict | None = None  # fsspec options for a URL (e.g. S3 endpoint_url)
-    every: int = 1000  # steps; 0 saves only at the end and on SIGTERM / SIGUSR1
+    """Where and how often the training state is saved."""
+
+    dir: str | None = None
+    """Local path or fsspec URL of the checkpoints; null: <run.dir>/checkpoints."""
+    storage_options: dict | None = None
+    """fsspec options for a checkpoint URL (e.g. an S3 endpoint_url)."""
+    every: int = 1000
+    """Steps between checkpoints; 0 saves only at the end and on SIGTERM / SIGUSR1."""
     keep_last: int = 3
-    # Write checkpoints in the background: training waits only while the state is copied to
-    # host memory (about the checkpoint's size in host RAM per save in flight); false writes
-    # in the foreground.
+    """Checkpoints of the current lineage kept; older ones are deleted after a save."""
     async_save: bool = True
+    """Write checkpoints in the background: training waits only while the state is copied to
+    host memory (about the checkpoint's size in host RAM per save in flight); false writes in
+    the foreground."""
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 50  # steps between metrics.jsonl / wandb records
-    progress: bool = True  # rank-0 tqdm bar
-    wandb: bool = True  # offline automatically when no credentials are configured
+    """Metrics: metrics.jsonl in run.dir, a progress bar, wandb."""
+
+    every: int = 50
+    """Steps between metrics.jsonl / wandb records."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    wandb: bool = True
+    """Log to wandb; offline automatically when no credentials are configured."""
     project: str = "arflow"
+    """The wandb project."""
     tags: list[str] = field(default_factory=list)
+    """The wandb run's tags."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run.dir>/tensorboard/ (rank 0)."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device at the run's precision, for the logged MFU; null: looked
+    up from the CUDA device's name (arflow.utils.flops), else MFU is not logged."""
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """How images are sampled: the one settings type of the `samples` and `eval` sections,
-    launchers/sample.py and `arflow.flow.samplers.sample`. Defaults are the reference's: SiT's
+    `arflow sample` and `arflow.flow.samplers.sample`. Defaults are the reference's: SiT's
     SDE with 250 steps, no guidance (CFG on the first 3 channels when scale != 1)."""
 
     method: Literal["sde", "euler", "heun"] = "sde"
-    steps: int = 250  # sde: points on [0, 1 - last_step_size], then the final mean step
-    cfg_scale: float = 1.0  # classifier-free guidance; 1 = none
-    cfg_channels: int | None = 3  # guide only the first K channels (the reference); null = all
-    last_step_size: float = 0.04  # sde only
-    # "auto": bf16 autocast with TF32 matmuls on CUDA (the inter-image state stays fp32), fp32 on
-    # CPU; "tf32": fp32 activations with TF32 matmuls (the release's sampling); "fp32": exact.
+    """"sde": SiT's Euler-Maruyama (the reference); "euler" / "heun": fixed-step ODE."""
+    steps: int = 250
+    """Denoising steps. sde: points on [0, 1 - last_step_size], then the final mean step."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance scale; 1 = none."""
+    cfg_channels: int | None = 3
+    """Guide only the first K channels (the reference's habit); null = all channels."""
+    last_step_size: float = 0.04
+    """sde only: the size of the final mean step."""
     precision: Literal["auto", "bf16", "tf32", "fp32"] = "auto"
+    """"auto": bf16 autocast with TF32 matmuls on CUDA (the inter-image state stays fp32), fp32
+    on CPU; "tf32": fp32 activations with TF32 matmuls (the release's sampling); "fp32": exact."""
 
     # Messages start with the key inside the section; the parser prefixes the section's path.
     def __post_init__(self):
@@ -248,15 +362,19 @@ class SamplerConfig:
 class SamplesConfig:
     """The grid of EMA samples written (and sent to wandb) at each evaluation."""
 
-    every: int = 0  # steps; 0 = only together with eval.every and at the end of the run
+    every: int = 0
+    """Steps between sample grids; 0 = only together with eval.every and at the end of the run."""
     classes: list[int] = field(default_factory=lambda: list(range(8)))
+    """Class ids of the grid, one row each."""
     per_class: int = 8
+    """Samples per class (the grid's columns)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """How the grid is sampled."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """FID / Inception Score of the EMA model (periodic in training, launchers/evaluate.py).
+    """FID / Inception Score of the EMA model (periodic in training, `arflow evaluate`).
 
     The generated set has num_samples images; sample i has its own noise seed derived from
     (seed, i) and a label from `labels`: "balanced" gives class i % num_classes (every block of
@@ -265,22 +383,30 @@ class EvalConfig:
     weights only, so the set is the same for every world size and batch size.
     """
 
-    every: int = 0  # training steps between periodic evaluations; 0 = never
+    every: int = 0
+    """Training steps between periodic evaluations; 0 = never."""
     num_samples: int = 50_000
-    batch_size: int = 64  # per rank, for sampling, VAE decoding and Inception features
+    """Size of the generated set."""
+    batch_size: int = 64
+    """Per rank, for sampling, VAE decoding and Inception features."""
     seed: int = 0
+    """Seed of the set: sample i's noise (and random label) derive from (seed, i)."""
     labels: Literal["balanced", "random"] = "balanced"
+    """"balanced": sample i has class i % num_classes; "random": drawn uniformly (the
+    release's evaluation)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    # Statistics .npz (keys mu, sigma: tools/fid_reference.py or an ADM reference batch); null
-    # computes the Inception Score only.
+    """How the set is sampled."""
     reference: str | None = None
-    # torch-fidelity InceptionV3 weights file; null = torch-fidelity's cache (downloaded there
-    # only when the machine is online).
+    """Statistics .npz (keys mu, sigma: `arflow fid reference` or an ADM reference batch);
+    null computes the Inception Score only."""
     inception_weights: str | None = None
-    # Local diffusers AutoencoderKL folder that decodes latents (sample grids too); its own
-    # config.json gives the latent scale (checked against the data manifest in training).
+    """torch-fidelity InceptionV3 weights file; null = torch-fidelity's cache (downloaded there
+    only when the machine is online)."""
     vae: str | None = None
-    is_splits: int = 10  # Inception Score splits
+    """Local diffusers AutoencoderKL folder that decodes latents (sample grids too); its own
+    config.json gives the latent scale (checked against the data manifest in training)."""
+    is_splits: int = 10
+    """Inception Score splits."""
 
     def __post_init__(self):
         _check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
@@ -301,6 +427,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """A training run: every section of the schema."""
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -424,6 +552,11 @@ class Config:
         _check(c.every >= 0, "checkpoint.every", "must be >= 0")
         _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.logging.every >= 1, "logging.every", "must be >= 1")
+        _check(
+            self.logging.peak_tflops is None or self.logging.peak_tflops > 0,
+            "logging.peak_tflops",
+            f"must be null or > 0, got {self.logging.peak_tflops}",
+        )
         s = self.samples
         _check(s.every >= 0, "samples.every", "must be >= 0")
         _check(s.per_class >= 1, "samples.per_class", "must be >= 1")
@@ -457,6 +590,12 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: a 4,000-digit integer is not printed whole."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
 def _coerce(value: Any, tp, key: str) -> Any:
     """Check `value` against the annotation `tp` (JSON types only); ints are accepted as floats."""
     origin = typing.get_origin(tp)
@@ -473,41 +612,59 @@ def _coerce(value: Any, tp, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}"
+            errors[0]
+            if len(errors) == 1
+            else f"{key}: expected {_type_name(tp)}, got {_shown(value)}"
         )
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+            raise ConfigError(f"{key}: must be one of {list(choices)}, got {_shown(value)}")
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {_shown(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected an object, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected an object, got {type(value).__name__} {_shown(value)}"
+            )
         return value
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected true/false, got {type(value).__name__} {_shown(value)}"
+            )
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected an integer, got {type(value).__name__} {_shown(value)}"
+            )
+        if not -(2**63) <= value < 2**63:  # torch, numpy and the file formats hold 64 bits
+            raise ConfigError(f"{key}: {_shown(value)} does not fit in a 64-bit integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):  # JSON (and --set) accept Infinity and NaN
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-        return float(value)
+            raise ConfigError(
+                f"{key}: expected a number, got {type(value).__name__} {_shown(value)}"
+            )
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{key}: {_shown(value)} is beyond the float range") from None
+        if not math.isfinite(number):  # JSON (and --set) accept Infinity and NaN
+            raise ConfigError(f"{key}: must be a finite number, got {_shown(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected a string, got {type(value).__name__} {_shown(value)}"
+            )
         return value
     raise TypeError(f"unsupported annotation {tp!r} at {key}")
 
@@ -535,11 +692,39 @@ def _from_dict(cls, data: Any, prefix: str = ""):
         raise ConfigError(f"{parent}.{e}" if parent else str(e)) from None
 
 
-def _parse_value(text: str) -> Any:
+def _check_depth(data: Any, where: str) -> None:
+    """Refuse objects and lists nested deeper than MAX_DEPTH (iteratively: no recursion)."""
+    stack = [(data, where, 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        children = node.items() if isinstance(node, dict) else enumerate(node)
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+        for key, child in children:
+            if isinstance(child, (dict, list)):
+                inner = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}"
+                stack.append((child, inner.removeprefix("."), depth + 1))
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """JSON text -> value; every way it can fail is a ConfigError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: invalid JSON: {e}") from None
+    except RecursionError:  # json recurses once per level of nesting
+        raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:  # e.g. an integer literal beyond Python's conversion limit
+        raise ConfigError(f"{where}: invalid JSON: {e}") from None
+
+
+def _parse_value(text: str, key: str) -> Any:
     """`--set` values are JSON when they parse as JSON (numbers, true, null, lists), else strings."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except RecursionError:  # json recurses once per level of nesting
+        raise ConfigError(f"{key}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError:  # not JSON, or an integer beyond Python's conversion limit
         return text
 
 
@@ -557,21 +742,69 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(
                     f"{'.'.join(parents[: i + 1])}: is not an object, cannot set {key}"
                 )
-        node[leaf] = _parse_value(text)
+        node[leaf] = _parse_value(text, key)
     return data
 
 
 def config_from_dict(data: dict) -> Config:
-    """Typed Config from a raw dict; unknown keys and wrong types raise ConfigError."""
-    return _from_dict(Config, data)
+    """Typed Config from a raw dict; unknown keys, wrong types, nesting deeper than MAX_DEPTH
+    and step counts beyond MAX_STEP raise ConfigError naming the key."""
+    if isinstance(data, dict):
+        _check_depth(data, "")
+    cfg = _from_dict(Config, data)
+    for key in STEP_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(
+            value <= MAX_STEP,
+            key,
+            f"{value:,} exceeds {MAX_STEP:,}, the largest step that checkpoint names "
+            f"(step_%09d) hold",
+        )
+    return cfg
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The file a `--config` argument names: an existing path, else a shipped config's name
+    (`xl_256` or `xl_256.json`, see `shipped_config_names()`)."""
+    path = Path(name_or_path)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    shipped = SHIPPED_CONFIGS / f"{path.name.removesuffix('.json')}.json"
+    return shipped if shipped.is_file() else path
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+
+
+def read_config_file(name_or_path: str | Path) -> dict:
+    """The raw JSON object of a config file (see `resolve_config`); a missing file, a
+    directory, bytes that are not UTF-8, invalid JSON (or nested beyond what the parser can
+    recurse into), or a top level that is not an object raise ConfigError naming the file."""
+    path = resolve_config(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist (shipped configs: "
+            f"{', '.join(shipped_config_names())})"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start : e.start + 1]!r})"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    data = _parse_json(text, str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a JSON config file, apply `--set` overrides and check keys and types."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON: {e}") from None
-    return config_from_dict(apply_overrides(data, list(overrides)))
+    """Read a JSON config file (a path or a shipped config's name), apply `--set` overrides and
+    check keys and types."""
+    return config_from_dict(apply_overrides(read_config_file(path), list(overrides)))

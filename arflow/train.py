@@ -12,6 +12,7 @@ good checkpoint stays the latest).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from arflow.checkpoint import CheckpointError, CheckpointManager, Found, check_compatible
 from arflow.config import Config, ConfigError
 from arflow.distributed.backend import Backend, StepResult, resolve_precision
+from arflow.distributed.collectives import main_then_share
 from arflow.distributed.ema import EMA, local_shard
 from arflow.distributed.env import DistInfo, init_distributed, shutdown
 from arflow.distributed.failure import FailureWatch
@@ -30,8 +32,10 @@ from arflow.flow.transport import training_loss
 from arflow.models import ARFlow, architecture_of, save_pretrained
 from arflow.models.vae import load_vae
 from arflow.storage import RetryPolicy
+from arflow.utils.flops import peak_flops, train_flops_per_image
 from arflow.utils.images import grid_pixels, save_grid
 from arflow.utils.metrics import MetricsLogger, StepMetrics, peak_memory_gb
+from arflow.utils.profiling import ProfileWindow
 from arflow.utils.rng import preserved_rng, rng_state, seed_rank, set_rng_state
 from arflow.utils.schedule import lr_at
 from arflow.utils.signals import PreemptionSignals
@@ -123,6 +127,8 @@ def build_loader(cfg: Config, info: DistInfo):
         min_per_class=d.min_per_class,
         max_bad_samples=d.max_bad_samples,
         retry=storage_retry(cfg),
+        # rank 0 reads the manifest and lists the shards for the world, not every rank
+        share=functools.partial(main_then_share, info),
     )
     manifest = loader.manifest
     expected = (m.in_channels, m.input_size, m.input_size)
@@ -173,6 +179,10 @@ class Trainer:
         self.grad_accum = cfg.grad_accumulation(info.world_size)
         arch = cfg.model.architecture()
         self.tokens_per_image = (cfg.model.input_size // arch["patch_size"]) ** 2
+        self.flops_per_image = train_flops_per_image(arch, cfg.data.seq_len)
+        self.profile = ProfileWindow(
+            cfg.train.profile, self.run_dir / "profile", info.rank, info.device
+        )
 
         # Ownership and the resume target first: a directory in use or not writable, and a
         # damaged or incompatible checkpoint, fail before anything is built.
@@ -372,6 +382,7 @@ class Trainer:
             # Not left to garbage collection: an exception's traceback keeps the workers'
             # iterator alive, and workers still running at exit would delay it.
             self.loader.close()
+            self.profile.close()  # a window the run left early: what was recorded
             if own_signals:
                 signals.restore()
             self.logger.close()
@@ -383,8 +394,10 @@ class Trainer:
         cfg, state = self.cfg, self.state
         window = StepMetrics(self.info.device)
         while state.step < cfg.train.steps:
+            self.profile.before_step(state.step + 1)
             lr = lr_at(state.step, cfg.train.steps, cfg.optim)
-            batches = self._next_batches(data)
+            with window.waiting_for_data():
+                batches = self._next_batches(data)
             result = self.backend.train_step(batches, training_loss, lr, stop=signals.poll)
             self.ckpt.raise_if_failed()  # a background save that failed stops the run here
             state.record(result.skipped)
@@ -409,6 +422,7 @@ class Trainer:
                 if evaluate:
                     with preserved_rng():
                         self.evaluate()
+                self.profile.after_step(state.step)  # the window's last step writes the trace
             if result.stop:
                 name = signals.name or "signal on another rank"
                 self.logger.message(f"step {state.step}: {name} received; saved, exiting")
@@ -446,28 +460,46 @@ class Trainer:
             )
 
     def _log(self, window: StepMetrics, lr: float) -> None:
-        """Collective: the window's metrics, reduced over ranks, to metrics.jsonl / wandb and
-        the progress bar."""
+        """Collective: the window's metrics, reduced over ranks, to metrics.jsonl / TensorBoard
+        / wandb and the progress bar."""
         m = window.read(self.loader.bad_samples)
         images = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         images_per_s = images / m["step_time_s"]
-        self.logger.log(
-            self.step,
-            {
-                "loss": m["loss"],
-                "grad_norm": m["grad_norm"],
-                "lr": lr,
-                "images_per_s": images_per_s,
-                "tokens_per_s": images_per_s * self.tokens_per_image,
-                "step_time_s": m["step_time_s"],
-                "peak_memory_gb": peak_memory_gb(self.info.device),
-                "skipped_steps": self.state.skipped_total,
-                "data_bad_samples": m["data_bad_samples"],  # world sum
-            },
-        )
-        self.logger.progress(
-            self.step, {"loss": f"{m['loss']:.4f}", "img/s": f"{images_per_s:.1f}"}
-        )
+        achieved = self.flops_per_image * images_per_s / self.info.world_size  # per device
+        metrics = {
+            "loss": m["loss"],
+            "grad_norm": m["grad_norm"],
+            "lr": lr,
+            "images_per_s": images_per_s,
+            "tokens_per_s": images_per_s * self.tokens_per_image,
+            "step_time_s": m["step_time_s"],
+            "data_wait_fraction": m["data_wait_fraction"],
+            "tflops_per_device": achieved / 1e12,
+            "peak_memory_gb": peak_memory_gb(self.info.device),
+            "skipped_steps": self.state.skipped_total,
+            "data_bad_samples": m["data_bad_samples"],  # world sum
+        }
+        postfix = {
+            "loss": f"{m['loss']:.4f}",
+            "img/s": f"{images_per_s:.1f}",
+            "wait": f"{m['data_wait_fraction']:.0%}",
+        }
+        peak = self._peak_flops()
+        if peak is not None:
+            metrics["mfu"] = achieved / peak
+            postfix["mfu"] = f"{metrics['mfu']:.1%}"
+        self.logger.log(self.step, metrics)
+        self.logger.progress(self.step, postfix)
+
+    def _peak_flops(self) -> float | None:
+        """Peak FLOP/s of one device for MFU: `logging.peak_tflops`, else the CUDA device's
+        from its name; None (no MFU) on a CPU or an unlisted device."""
+        if self.cfg.logging.peak_tflops is not None:
+            return self.cfg.logging.peak_tflops * 1e12
+        if self.info.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.info.device)
+            return peak_flops(name, self.backend.precision)
+        return None
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0

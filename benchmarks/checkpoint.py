@@ -8,13 +8,16 @@ document.
 
 One process, the DDP backend (torch DCP files), AdamW state after one step, and the EMA: the
 state a trainer saves. For each target — a local directory, and a loopback S3 endpoint (moto's
-server, started here) — the same state is saved `--repeats` times each way (medians):
+server, started here) — the same state is saved `--repeats` times each way by one checkpoint
+manager, as a run saves (medians):
   - `plain_s`: DCP, the rank file and the EMA written directly: no checksums, no fsync, no
     commit marker (local only; what a save costs without the checkpoint component's guarantees);
   - `sync_s`: the checkpoint component with `checkpoint.async_save: false`: training waits for
     the whole save (write, checksums, fsync, upload, commit);
   - `async_stall_s`: the same component with background saves: how long `save` holds the
-    training loop (the copy into host memory); `async_total_s`: until the save is committed.
+    training loop (the copy into host memory), from the second save on, when the host buffers
+    are reused (`async_first_stall_s`: the first, which allocates them); `async_total_s`: until
+    the save is committed.
 `stall_ratio` = async_stall_s / sync_s: the share of a synchronous save's stop that remains.
 """
 
@@ -75,7 +78,7 @@ def main() -> None:
     parser.add_argument("--model", default="ARFlow-B/2")
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--in-channels", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="saves per mode and target (>= 2)")
     parser.add_argument("--dir", default=None, help="local target (default: a temp dir)")
     parser.add_argument("--no-s3", action="store_true", help="skip the loopback S3 target")
     args = parser.parse_args()
@@ -119,26 +122,31 @@ def main() -> None:
         save_file(ema, str(target / "ema.safetensors"))
         dcp.save(backend._state(), checkpoint_id=str(target))
 
-    def component(url: str, options: dict | None, background: bool, step: int) -> tuple:
+    def component(url: str, options: dict | None, background: bool) -> list[tuple[float, float]]:
+        """(stall, total) seconds of `--repeats` saves by one manager, as a run makes them
+        (a background save's host buffers are reused from its second save on); each save is
+        waited for before the next, so that stalls are measured alone."""
         manager = CheckpointManager(
             url, info, keep_last=1, storage_options=options, background=background
         )
         manager.open()
         manager.resume_target(None, overwrite=True)
-        t0 = time.perf_counter()
-        manager.save(
-            step,
-            stage_state=backend.stage_state,
-            rank_state=rank_state,
-            ema=ema,
-            arch=arch,
-            config=cfg.to_dict(),
-        )
-        stall = time.perf_counter() - t0
-        manager.wait()
-        total = time.perf_counter() - t0
+        out = []
+        for step in range(1, args.repeats + 1):
+            t0 = time.perf_counter()
+            manager.save(
+                step,
+                stage_state=backend.stage_state,
+                rank_state=rank_state,
+                ema=ema,
+                arch=arch,
+                config=cfg.to_dict(),
+            )
+            stall = time.perf_counter() - t0
+            manager.wait()
+            out.append((stall, time.perf_counter() - t0))
         manager.close()
-        return stall, total
+        return out
 
     base = Path(args.dir or tempfile.mkdtemp(prefix="arflow-ckpt-bench-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -149,20 +157,21 @@ def main() -> None:
             endpoint = moto_endpoint(stack)
             targets["s3"] = ("s3://bench/ckpt", {"client_kwargs": {"endpoint_url": endpoint}})
         for name, (url, options) in targets.items():
-            runs: dict[str, list[float]] = {"sync_s": [], "async_stall_s": [], "async_total_s": []}
+            runs: dict[str, list[float]] = {}
             if name == "local":
                 runs["plain_s"] = []
-            for i in range(args.repeats):
-                if name == "local":
+                for i in range(args.repeats):
                     target = base / f"plain_{i}"
                     t0 = time.perf_counter()
                     plain(target)
                     runs["plain_s"].append(time.perf_counter() - t0)
                     shutil.rmtree(target)
-                runs["sync_s"].append(component(url, options, False, 2 * i + 1)[1])
-                stall, total = component(url, options, True, 2 * i + 2)
-                runs["async_stall_s"].append(stall)
-                runs["async_total_s"].append(total)
+            runs["sync_s"] = [total for _, total in component(url, options, False)]
+            saves = component(url, options, True)
+            runs["async_first_stall_s"] = [saves[0][0]]  # host buffers allocated
+            warm = saves[1:] or saves
+            runs["async_stall_s"] = [stall for stall, _ in warm]
+            runs["async_total_s"] = [total for _, total in warm]
             median = {k: round(statistics.median(v), 4) for k, v in runs.items()}
             median["stall_ratio"] = round(median["async_stall_s"] / median["sync_s"], 3)
             results[name] = median

@@ -123,8 +123,9 @@ def pipeline_rate(
 
 
 @contextlib.contextmanager
-def moto_endpoint():
-    """moto's S3 server on a free loopback port (a separate process, so it does not share our GIL)."""
+def moto_endpoint(log=subprocess.DEVNULL):
+    """moto's S3 server on a free loopback port (a separate process, so it does not share our GIL),
+    with a bucket "bench"; ``log`` (a file) receives its output: one line per request."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -132,8 +133,8 @@ def moto_endpoint():
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "benchmark")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -65,7 +65,7 @@ from arflow.eval.statistics import frechet_distance
 from arflow.flow.samplers import SamplerConfig, sample
 from arflow.flow.transport import training_loss
 from arflow.models import ARFlow
-from arflow.utils.digits_demo import digit_classifier, digit_halves, to_digit_features
+from arflow.utils.digits import digit_classifier, digit_halves, to_digit_features
 from arflow.utils.schedule import lr_at
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_cpu.json"

@@ -17,18 +17,12 @@ Each case runs in its own process group (torchrun): `--warmup` untimed steps (th
 compiles; its time is reported as first_step_s), then `--steps` steps each timed with CUDA
 events (wall clock on CPU); the median gives images/s.
 
-FLOPs: the model FLOPs of one training image, 3 x forward (backward = 2 x forward), forward
-multiply-adds x 2, for depth L, width D, heads H (head size d = D / H), N tokens per image,
-n images per sequence, patch p, C input / C_out output channels:
-    per block, per token    13 D^2 + D H          (q, k, v, gate, out: 5 D^2; MLP 8 D^2; decay D H)
-    per block, per image    2 N^2 D               (softmax inside the image: q k^T and p v)
-                            + 2 N D d + n D d     (inter-image: k^T v, q H_s, the state scan)
-                            + 6 D^2 + D H         (adaLN from the conditioning, decay of c)
-    embeddings and head     N p^2 C D + N D p^2 C_out + 2 D^2 + 256 D + D^2
-Recomputation (activation checkpointing) is not counted, as MFU conventions have it. The
-same count is also taken by torch's FlopCounterMode on one sequence (`counted_flops_per_image`)
-as a check of the formula (on a CPU it misses SDPA's CPU kernel, ~5% of B/2's FLOPs). MFU = achieved model FLOP/s over the GPU's dense bf16 peak, looked up
-from the device name at run time (BF16_PEAK; H100 SXM / H200: 989 TFLOP/s).
+FLOPs: the model FLOPs of one training image, counted from the architecture
+(`arflow.utils.flops.train_flops_per_image`, whose docstring gives the formula). The same count
+is also taken by torch's FlopCounterMode on one sequence (`counted_flops_per_image`) as a check
+of the formula (on a CPU it misses SDPA's CPU kernel, ~5% of B/2's FLOPs). MFU = achieved model
+FLOP/s over the GPU's dense peak at the run's precision, looked up from the device name at run
+time (`arflow.utils.flops.peak_flops`; H100 SXM / H200: 989 TFLOP/s in bf16).
 """
 
 from __future__ import annotations
@@ -42,16 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first.
-BF16_PEAK = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-]
 
 # model tag -> (config, --set items, default micro-batch in sequences, needs CUDA). Micro-batches
 # fit one 80 GB GPU: eager bf16 saves ~4.2 GB of activations per XL/2 sequence (5 x 256 tokens;
@@ -101,21 +85,6 @@ for _tag, (_config, _model, _micro, _gpu) in MODELS.items():
             )
 
 
-def train_flops_per_image(arch: dict, seq_len: int) -> float:
-    """Model FLOPs of one image's training step (forward + backward); see the module docstring.
-    `arch`: ModelConfig.architecture()."""
-    D, L, H = arch["hidden_size"], arch["depth"], arch["num_heads"]
-    p, C = arch["patch_size"], arch["in_channels"]
-    C_out = 2 * C if arch["learn_sigma"] else C
-    N = (arch["input_size"] // p) ** 2
-    d = D // H
-    per_block = N * (13 * D * D + D * H) + 2 * N * N * D + 2 * N * D * d + seq_len * D * d
-    per_block += 6 * D * D + D * H
-    outer = N * p * p * C * D + N * D * p * p * C_out + 2 * D * D + 256 * D + D * D
-    forward_macs = L * per_block + outer
-    return 3 * 2 * forward_macs
-
-
 def counted_flops_per_image(model, cfg, device) -> float:
     """torch's FlopCounterMode on one sequence, forward + backward, at the run's precision."""
     import torch
@@ -143,6 +112,7 @@ def worker(args) -> None:
     from arflow.distributed.parallelize import build_backend, compile_enabled
     from arflow.flow.transport import training_loss
     from arflow.models import ARFlow
+    from arflow.utils.flops import peak_flops, train_flops_per_image
     from arflow.utils.metrics import peak_memory_gb
     from arflow.utils.synthetic import SyntheticLoader
 
@@ -217,7 +187,7 @@ def worker(args) -> None:
             "tflops_per_s": flops * images / step_time / 1e12,
         }
         if cuda:
-            peak = next((p for k, p in BF16_PEAK if k in result["device"]), None)
+            peak = peak_flops(result["device"], backend.precision)
             result["peak_tflops_per_gpu"] = peak / 1e12 if peak else None
             result["mfu"] = flops * images / step_time / (peak * info.world_size) if peak else None
             result["peak_memory_gb"] = peak_memory_gb(info.device)

@@ -1,13 +1,15 @@
-"""The fast forms of both attentions against their naive form, in fla's manner: a grid of
-batch sizes, sequence lengths, head counts and head sizes, in fp32 and under bf16 autocast,
+"""The fast forms of both attentions against their naive references, in fla's manner: a grid
+of batch sizes, sequence lengths, head counts and head sizes, in fp32 and under bf16 autocast,
 comparing the output, the final state and every gradient (h, c, the initial state and each
-parameter). The naive forms are independent transcriptions of the math (explicit loops, their
-own norms), always in fp32, so the bf16 cases measure the fast forms' round-off as well."""
+parameter). The references (arflow.models.naive) are independent transcriptions of the math
+(explicit loops, their own norms), always in fp32, so the bf16 cases measure the fast forms'
+round-off as well."""
 
 import pytest
 import torch
 from tiny_models import err_ratio, heads_scaled, randomize
 
+from arflow.models import naive
 from arflow.models.causal_attention import CausalSoftmaxAttention, KVCache
 from arflow.models.hybrid_attention import HybridAttention
 
@@ -46,7 +48,8 @@ def with_grad(state):
 
 def run(module, form: str, h, c, state, dtype: torch.dtype, probes):
     """Output, final state tensors and the gradients of a fixed random projection of both
-    with respect to (h, c, initial state tensors, parameters), for one form."""
+    with respect to (h, c, initial state tensors, parameters), for one form ("naive": the
+    reference of arflow.models.naive)."""
     h, c = h.clone().requires_grad_(), c.clone().requires_grad_()
     state, state_leaves = with_grad(state)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -56,6 +59,8 @@ def run(module, form: str, h, c, state, dtype: torch.dtype, probes):
                 out, state = module(h[:, s : s + 1], c[:, s : s + 1], state, form="recurrent")
                 outs.append(out)
             out = torch.cat(outs, dim=1)
+        elif form == "naive":
+            out, state = naive.attention(module, h, c, state)
         else:
             out, state = module(h, c, state, form=form)
     finals = tensors_of(state)
@@ -72,7 +77,7 @@ def run(module, form: str, h, c, state, dtype: torch.dtype, probes):
 def make_probes(module, h, c, state, seed=7):
     """Random weights for the scalar whose gradients are compared (shapes from the naive run)."""
     with torch.no_grad():
-        out, final = module(h, c, state, form="naive")
+        out, final = naive.attention(module, h, c, state)
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(t.shape, generator=gen) for t in (out, *tensors_of(final))]
 

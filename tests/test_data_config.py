@@ -3,6 +3,7 @@ and its count, and the storage timeouts (a silent S3 endpoint fails within about
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -108,6 +109,9 @@ class Timeline(logging.Handler):
 
 
 def fail_on_silent_endpoint(**data) -> tuple[float, list]:
+    # Earlier tests' data loaders, collected now rather than on this test's clock (their workers
+    # take seconds to stop).
+    gc.collect()
     with SilentEndpoint() as endpoint, Timeline() as timeline:
         options = {"client_kwargs": {"endpoint_url": endpoint.url}}
         cfg = config(url="s3://silent/data", storage_options=options, **data)

@@ -40,8 +40,13 @@ def class_of(manifest):
 
 
 def take(loader, count):
+    """The first `count` batches; the workers are stopped at once (left to garbage collection,
+    their shutdown lands in whatever test runs next and can cost it seconds)."""
     it = iter(loader)
-    return [next(it) for _ in range(count)]
+    try:
+        return [next(it) for _ in range(count)]
+    finally:
+        loader.close()
 
 
 def test_sequences_are_distinct_images_of_one_class(digits_shards):
@@ -281,3 +286,52 @@ def test_missing_shards_are_named_before_training_and_when_deleted_later(damaged
     ):
         for _ in range(loader.epoch_length):
             next(it)
+
+
+def test_ranks_that_share_read_nothing_at_start_and_plan_what_an_unshared_rank_plans(
+    digits_shards, tmp_path
+):
+    results = []
+
+    def rank0_share(fn):  # rank 0 does the work; the others receive what it returned
+        results.append(fn())
+        return results[-1]
+
+    args = dict(seq_len=5, batch_size=4, world_size=2, num_workers=2, seed=3)
+    SequenceLoader(digits_shards, rank=0, share=rank0_share, **args)
+    assert [type(r) for r in results] == [bytes, type(None)]  # the manifest, the shard check
+
+    # Rank 1 given rank 0's results touches no storage while it starts: this URL does not exist.
+    nowhere = str(tmp_path / "never-written")
+    replay = iter(results)
+    receiver = SequenceLoader(nowhere, rank=1, share=lambda fn: next(replay), **args)
+    alone = SequenceLoader(digits_shards, rank=1, **args)
+    assert receiver.manifest.fingerprint() == alone.manifest.fingerprint()
+    assert receiver.manifest.shards[0].url.startswith(nowhere)
+    assert receiver.epoch_length == alone.epoch_length
+    for stream in (2, 3):  # rank 1's streams: the same rounds, built lazily per stream
+        ours, theirs = receiver.plan.rounds(0, stream), alone.plan.rounds(0, stream)
+        assert [r.slots for r in ours] == [r.slots for r in theirs]
+        assert all(np.array_equal(a.order, b.order) for a, b in zip(ours, theirs))
+
+    replay = iter(results)
+    shared = SequenceLoader(digits_shards, rank=1, share=lambda fn: next(replay), **args)
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for a, b in zip(take(shared, 5), take(alone, 5))
+    )
+    assert set(shared.startup_s) == {"manifest", "plan", "shard_check"}
+
+
+def test_a_failed_shard_check_on_rank_0_stops_the_ranks_it_shares_with(damaged):
+    root, _ = damaged
+    shutil.os.remove(load_manifest(root).shards[7].url)
+
+    def from_rank0(fn):  # the trainer's share: rank 0's error raised on every rank
+        try:
+            return fn()
+        except ShardError as err:
+            raise ShardError(f"rank 0: {err}") from None
+
+    with pytest.raises(ShardError, match="rank 0: 1 of the 65 shards .* do not exist"):
+        SequenceLoader(root, seq_len=5, batch_size=4, num_workers=0, share=from_rank0)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from arflow.data import ManifestError, RetryPolicy, SequenceLoader, StorageError, load_manifest
-from arflow.data.manifest import manifest_from_dict
+from arflow.data import (
+    Manifest,
+    ManifestError,
+    RetryPolicy,
+    SequenceLoader,
+    ShardInfo,
+    StorageError,
+    load_manifest,
+)
+from arflow.data.manifest import ShardTable, manifest_from_dict
 
 
 @pytest.fixture
@@ -35,6 +46,32 @@ def test_round_trip(digits_shards):
     assert manifest.encoding == "pixels" and manifest.version == 1
     assert manifest_from_dict(manifest.to_dict(), manifest.url) == manifest
     assert load_manifest(manifest.url) == manifest  # the root or manifest.json itself
+
+
+def test_shards_are_columns_with_shard_info_on_access(digits_shards):
+    manifest = load_manifest(digits_shards)
+    table, raw = manifest.shards, json.loads(Path(manifest.url).read_text())
+    assert isinstance(table, ShardTable) and len(table) == len(raw["shards"]) == 65
+    assert table.counts.dtype == np.int64 and not table.counts.flags.writeable
+    for i in (0, 17, -1):
+        entry, info = raw["shards"][i], table[i]
+        assert info == ShardInfo(
+            f"{digits_shards}/{entry['path']}",
+            entry["path"],
+            entry["class_id"],
+            entry["count"],
+            entry["bytes"],
+            entry["sha256"],
+        )
+    assert table[3:6] == [table[3], table[4], table[5]] and list(table)[-1] == table[-1]
+    # a manifest built from ShardInfo (as make_shards builds it) holds the same table
+    rebuilt = Manifest(**{**vars(manifest), "shards": list(table)})
+    assert rebuilt == manifest and rebuilt.shards == table
+    # the per-class shard lists written back are the manifest's own
+    assert manifest.to_dict()["classes"] == raw["classes"]
+    # loader states saved before the table existed name the shard set by the same fingerprint
+    text = "\n".join(f"{s.path} {s.class_id} {s.count} {s.sha256}" for s in table)
+    assert manifest.fingerprint() == hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def test_missing_manifest_names_the_url(tmp_path):

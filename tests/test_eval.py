@@ -2,7 +2,6 @@
 a tiny ARFlow, world sizes 1 and 2 (gloo processes) and the ADM `.npz` output."""
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,10 +16,11 @@ from random_inception import write_random_weights
 from safetensors.torch import save_file
 from tiny_models import tiny_model as shared_tiny_model
 
+from arflow.cli import main as arflow
+from arflow.cli.evaluate import PROTOCOLS
 from arflow.config import EvalConfig, SamplerConfig, config_from_dict, load_config
 from arflow.distributed.env import free_port
 from arflow.eval import FeatureStats, check_eval_files, evaluate, rank_range, sample_labels
-from arflow.eval.cli import PROTOCOLS, evaluate_main
 from arflow.eval.inception import InceptionFeatures, cached_weights_path
 from arflow.eval.sample_set import ImageGenerator
 from arflow.models import ARFlow, architecture_of, save_pretrained
@@ -270,16 +270,25 @@ def test_launcher_evaluates_a_weight_file_or_run_dir(
     save_tiny(tmp_path / "run" / "ema.safetensors")
     common = [*evaluate_args(tmp_path / "config.json", inception_weights), "--set", "eval.seed=3"]
     with pytest.raises(ValueError, match="convert it with tools/convert_ckpt.py"):
-        evaluate_main(["--ckpt", str(tmp_path / "plain.safetensors"), *common])
+        arflow(["evaluate", "--ckpt", str(tmp_path / "plain.safetensors"), *common])
     out = tmp_path / "result.json"
-    evaluate_main(["--ckpt", str(tmp_path / "run" / "ema.safetensors"), *common, "--out", str(out)])
+    arflow(
+        [
+            "evaluate",
+            "--ckpt",
+            str(tmp_path / "run" / "ema.safetensors"),
+            *common,
+            "--out",
+            str(out),
+        ]
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     assert (
         printed["num_samples"] == 3 and printed["fid"] is None and printed["inception_score"] >= 1
     )
     # A run directory stands for its ema.safetensors; the architecture comes from the file.
-    evaluate_main(["--ckpt", str(tmp_path / "run"), *common])
+    arflow(["evaluate", "--ckpt", str(tmp_path / "run"), *common])
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert without_timings(again) == without_timings(printed)
 
@@ -365,11 +374,11 @@ def test_paper_protocol_preset(tmp_path, inception_weights, single_process_env, 
         "--no-progress",
     ]
     with pytest.raises(SystemExit):
-        evaluate_main(argv)  # the protocol writes the ADM .npz: --save-npz is required
+        arflow(["evaluate", *argv])  # the protocol writes the ADM .npz: --save-npz is required
     assert "--save-npz" in capsys.readouterr().err
     tiny = ["eval.num_samples=3", "eval.batch_size=3", "eval.is_splits=1", "eval.sampler.steps=2"]
     out = tmp_path / "samples.npz"
-    evaluate_main([*argv, "--save-npz", str(out), *[a for t in tiny for a in ("--set", t)]])
+    arflow(["evaluate", *argv, "--save-npz", str(out), *[a for t in tiny for a in ("--set", t)]])
     with np.load(out) as npz:
         assert npz["arr_0"].shape == (3, 8, 8, 3)
         assert npz["arr_1"].tolist() == sample_labels(range(3), 10, "random", seed=0).tolist()
@@ -463,13 +472,6 @@ def test_grid_cells_are_enlarged_and_separated(tmp_path):
         assert png.size == (64 + g + 64, 64)  # 64 px and larger stay as they are
 
 
-def sample_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "launchers" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -483,14 +485,14 @@ def sample_cli():
 )
 def test_sample_cli_rejects_bad_arguments_by_name(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        sample_cli().main(["--ckpt", str(tmp_path / "w.safetensors"), "--out", "g.png", *args])
+        arflow(["sample", "--ckpt", str(tmp_path / "w.safetensors"), "--out", "g.png", *args])
     assert exit_info.value.code == 2  # an argument error, before any file is read
     assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_sample_cli_reads_the_trainers_own_weights(tmp_path, single_process_env, capsys):
-    """launchers/sample.py takes what a training run leaves: its ema.safetensors, the run
+    """`arflow sample` takes what a training run leaves: its ema.safetensors, the run
     directory, a checkpoint step directory or the checkpoint root (it used to refuse the first
     and call a directory missing)."""
     from PIL import Image
@@ -501,15 +503,14 @@ def test_sample_cli_reads_the_trainers_own_weights(tmp_path, single_process_env,
     run(load_config(tiny_config(tmp_path, "ddp", train={"steps": 2})))
     run_dir = tmp_path / "run"
     step_dir = run_dir / "checkpoints" / "step_000000002"
-    cli = sample_cli()
     for ckpt in (run_dir / "ema.safetensors", run_dir, step_dir, run_dir / "checkpoints"):
         out = tmp_path / f"grid_{ckpt.name}.png"
         args = ["--classes", "0,1,3", "--steps", "3", "--cols", "3", "--device", "cpu"]
-        assert cli.main(["--ckpt", str(ckpt), "--out", str(out), *args]) == 0
+        assert arflow(["sample", "--ckpt", str(ckpt), "--out", str(out), *args]) == 0
         with Image.open(out) as png:
             assert png.size == (3 * 64 + 2 * GAP_PX, 64)  # 8 px enlarged to 64
     with pytest.raises(FileNotFoundError, match="do not exist"):
-        cli.main(["--ckpt", str(tmp_path / "nope"), "--out", str(out), *args])
+        arflow(["sample", "--ckpt", str(tmp_path / "nope"), "--out", str(out), *args])
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""tools/fid.py and tools/fid_reference.py on a few images: a folder, its pixel shards and an
+"""`arflow fid` (and tools/fid.py) on a few images: a folder, its pixel shards and an
 ADM `.npz` of the same images give the same statistics."""
 
 import json
@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 from random_inception import write_random_weights
 
+from arflow.cli import main as arflow
 from arflow.data.writing.build import build_shards
 from arflow.data.writing.encoders import PixelEncoder
 from arflow.data.writing.sources import ImageFolderSource
 from arflow.eval import frechet_distance, load_reference
-from arflow.eval.cli import fid_main, fid_reference_main
 from arflow.eval.image_sets import image_batches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +42,8 @@ def image_sets(tmp_path_factory):
     return tmp, str(weights)
 
 
-def run_cli(main, argv, capsys) -> dict:
-    main(argv)
+def run_cli(argv, capsys) -> dict:
+    assert arflow(["fid", *argv]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -59,18 +59,23 @@ def test_reference_from_shards_folder_and_npz_agree(image_sets, single_process_e
         "3",
     ]
     out = run_cli(
-        fid_reference_main,
-        [str(tmp / "shards"), "--out", str(tmp / "ref_shards.npz"), *common],
+        ["reference", str(tmp / "shards"), "--out", str(tmp / "ref_shards.npz"), *common],
         capsys,
     )
     assert out["num_samples"] == 4
     run_cli(
-        fid_reference_main,
-        [str(tmp / "folder"), "--resolution", "8", "--out", str(tmp / "ref_folder.npz"), *common],
+        [
+            "reference",
+            str(tmp / "folder"),
+            "--resolution",
+            "8",
+            "--out",
+            str(tmp / "ref_folder.npz"),
+            *common,
+        ],
         capsys,
     )
     run_cli(
-        fid_main,
         ["stats", str(tmp / "samples.npz"), "--out", str(tmp / "ref_npz.npz"), *common],
         capsys,
     )
@@ -82,7 +87,6 @@ def test_reference_from_shards_folder_and_npz_agree(image_sets, single_process_e
         np.testing.assert_allclose(sigma2, sigma, rtol=1e-5, atol=1e-9)
     # distance: a statistics file against an image set computed on the fly
     result = run_cli(
-        fid_main,
         ["distance", str(tmp / "ref_shards.npz"), str(tmp / "samples.npz"), *common],
         capsys,
     )

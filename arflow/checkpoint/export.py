@@ -9,6 +9,7 @@ the requested tensors are read). Files are checked against the checkpoint's chec
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -23,12 +24,18 @@ from arflow.models.pretrained import EMA_FILE, architecture_of, read_metadata
 from arflow.utils.safe_load import check_torch_file
 
 
+class TrainerWeights(NamedTuple):
+    state: dict[str, torch.Tensor]  # the EMA or the raw (master) weights, fp32
+    arch: dict  # constructor arguments
+    config: dict  # the training config
+    step: int  # the training step of the checkpoint
+
+
 def read_trainer_checkpoint(
     ckpt: str, use_ema: bool = True, storage_options: dict | None = None
-) -> tuple[dict[str, torch.Tensor], dict, dict]:
+) -> TrainerWeights:
     """`ckpt`: a step directory or a checkpoint root (the checkpoint `--resume auto` would
-    take); local or URL. Returns (state dict of the EMA or the raw weights, constructor
-    arguments, training config). A damaged checkpoint raises CheckpointError naming the file."""
+    take); local or URL. A damaged checkpoint raises CheckpointError naming the file."""
     found = find_checkpoint(ckpt, storage_options)
     problems = verify(found)
     try:
@@ -41,7 +48,8 @@ def read_trainer_checkpoint(
             path = os.path.join(found.local, EMA_FILE)
             from safetensors.torch import load_file
 
-            return load_file(path), read_metadata(path)["architecture"], config
+            arch = read_metadata(path)["architecture"]
+            return TrainerWeights(load_file(path), arch, config, found.step)
         model = ARFlow(**ModelConfig(**config["model"]).architecture())
         state = model.state_dict()  # frozen tensors (the positional table) come from here
         if config["parallel"]["backend"] == "deepspeed":
@@ -65,6 +73,6 @@ def read_trainer_checkpoint(
         if missing:
             raise KeyError(f"checkpoint {found.url} lacks {sorted(missing)[:5]}")
         state.update({n: loaded[n].float() for n in state if n in loaded})
-        return state, architecture_of(model), config
+        return TrainerWeights(state, architecture_of(model), config, found.step)
     finally:
         found.release()

@@ -27,7 +27,7 @@ from arflow.checkpoint.layout import (
     step_of,
 )
 from arflow.checkpoint.lineage import Head, in_lineage, parse_head
-from arflow.models.pretrained import EMA_FILE
+from arflow.models.pretrained import EMA_FILE, resolve_weights
 from arflow.storage import RetryPolicy, Store
 
 Report = Callable[[str], None]
@@ -196,22 +196,22 @@ def find_checkpoint(
 
 
 def weights_file(path: str | Path) -> Path:
-    """The weight file a local path stands for, by the same rule as resume: a file as it is; a
-    run directory or a step directory: its EMA weights (`ema.safetensors`); a checkpoint root:
-    the EMA weights of the checkpoint `--resume auto` would take there (its lineage's newest,
-    never a moved-aside abandoned branch)."""
+    """What `arflow.models.load_pretrained` should read for a local path, by the same rule as
+    resume: a weight file, a Hub folder, a run or step directory as they are
+    (`resolve_weights`); a checkpoint root: the EMA weights of the checkpoint `--resume auto`
+    would take there (its lineage's newest, never a moved-aside abandoned branch)."""
     path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"weights {path} do not exist")
-    if (path / EMA_FILE).is_file():
-        return path / EMA_FILE
+    try:
+        return resolve_weights(path)
+    except FileNotFoundError:
+        if not path.is_dir():
+            raise
     try:
         found = find_checkpoint(str(path))
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path} holds no weights: expected a .safetensors file, a run or checkpoint step "
-            f"directory with {EMA_FILE}, or a checkpoint root with complete step directories"
+            f"{path} holds no weights: expected a .safetensors file, a Hub folder, a run or "
+            f"checkpoint step directory with {EMA_FILE}, or a checkpoint root with complete "
+            f"step directories"
         ) from None
     return Path(found.store.path(found.name)) / EMA_FILE

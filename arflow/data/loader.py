@@ -46,6 +46,17 @@ prefetched by workers): per stream its plan position, plus the batch count. ``lo
 - seq_len, class_sampling, seed, window, min_per_class and the shard set must be unchanged: they
   define what an epoch holds (a ValueError names the difference).
 
+Start-up. Every rank parses the manifest into columns (:class:`arflow.data.manifest.ShardTable`)
+and plans what each epoch holds (sequences per shard, O(shards log shards)); each DataLoader
+worker deals the epoch's shards to the streams (O(shards log streams), the one step that spans
+the world), derives only its own stream's rounds from the deal, and a shard's groups when it
+opens the shard (:mod:`arflow.data.plan`). Given ``share`` (a function that runs a callable on
+rank 0 and returns its result, or raises its error, on every rank; the trainer passes
+``arflow.distributed.collectives.main_then_share``), rank 0 alone reads the manifest and lists
+the shard directory, and the other ranks make no storage request before their workers open their
+first shards; without it each rank does both itself. ``benchmarks/startup.py`` measures this for
+a 1,024-rank x 8-worker ImageNet-21k job.
+
 Bad input. A missing, invalid or unknown-version manifest raises ManifestError naming its URL; a
 class with fewer than seq_len samples raises ManifestError naming it (or is dropped with a warning
 when ``min_per_class`` is given); a consumer expectation (``expect_shape`` / ``expect_encoding``)
@@ -62,15 +73,17 @@ credentials raise StorageError naming the URL after bounded retries (see :mod:`a
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from arflow.data.errors import ManifestError, ShardError
-from arflow.data.manifest import Manifest, load_manifest
+from arflow.data.manifest import Manifest, manifest_url, parse_manifest, read_manifest
 from arflow.data.plan import Layout, PlanConfig, Planner, PlanView, Position
 from arflow.data.sequences import ReadOptions, SequenceStream, Slots
 from arflow.data.shards import check_shards
@@ -78,6 +91,7 @@ from arflow.internals.torch import shutdown_workers
 from arflow.storage import RetryPolicy
 from arflow.utils.signals import data_worker_signals
 
+T = TypeVar("T")
 STATE_FORMAT = 1
 DROP_ADVICE = (
     "to drop such classes, set min_per_class (data.min_per_class in a training config) to at "
@@ -89,7 +103,9 @@ class SequenceLoader:
     """Endless iterable of (x (B, seq_len, C, H, W) float32, y (B,) int64) for one rank.
 
     ``iter(loader)`` continues from what has been consumed (or loaded) so far; use one live iterator
-    at a time. Attributes: ``manifest``, ``layout``, ``sequences_per_epoch``, ``epoch_length``.
+    at a time. Attributes: ``manifest``, ``layout``, ``sequences_per_epoch``, ``epoch_length``,
+    ``plan`` (the :class:`PlanView` the streams follow), ``startup_s`` (seconds the constructor
+    spent on the manifest (reading, or receiving it, and parsing), the plan, and the shard check).
 
     With ``return_meta`` each item gains a third element {"sample_ids": int64 (B, seq_len) (index of
     each image in manifest order: shard offset + position in shard), "epoch": int64 (B,)}.
@@ -118,6 +134,7 @@ class SequenceLoader:
         expect_encoding: str | None = None,
         return_meta: bool = False,
         retry: RetryPolicy | None = None,
+        share: Callable[[Callable[[], T]], T] | None = None,
     ):
         if seq_len < 1 or batch_size < 1 or num_workers < 0 or open_shards < 1 or window < 1:
             raise ValueError(
@@ -140,8 +157,12 @@ class SequenceLoader:
                 f"min_per_class {min_per_class} < seq_len {seq_len}: such classes cannot form a sequence"
             )
         retry = retry or RetryPolicy()
+        share = share or _run_here
         self._live = None  # the DataLoader iterator of the current __iter__
-        self.manifest: Manifest = load_manifest(url, storage_options, retry)
+        clock = [time.perf_counter()]
+        raw = share(lambda: read_manifest(url, storage_options, retry))
+        self.manifest: Manifest = parse_manifest(raw, manifest_url(url))
+        clock.append(time.perf_counter())
         self._check_expectations(expect_shape, expect_encoding)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -158,19 +179,20 @@ class SequenceLoader:
             storage_options, retry, verify_checksums, max_bad_samples, return_meta
         )
 
-        kept = self._kept_classes(min_per_class)
         shards = self.manifest.shards
-        for s in shards:
-            if kept[s.class_id] and s.count < seq_len:
-                raise ManifestError(
-                    f"manifest {self.manifest.url}: shard {s.url} of class {self.manifest.class_names[s.class_id]!r} "
-                    f"holds {s.count} samples, fewer than seq_len={seq_len} (sequences never span shards); "
-                    f"rewrite the shards with a larger --shard-size"
-                )
+        usable = self._kept_classes(min_per_class)[shards.class_ids]
+        short = np.flatnonzero(usable & (shards.counts < seq_len))
+        if len(short):
+            s = shards[int(short[0])]
+            raise ManifestError(
+                f"manifest {self.manifest.url}: shard {s.url} of class {self.manifest.class_names[s.class_id]!r} "
+                f"holds {s.count} samples, fewer than seq_len={seq_len} (sequences never span shards); "
+                f"rewrite the shards with a larger --shard-size"
+            )
         self._planner = Planner(
-            [s.count for s in shards],
-            [s.class_id for s in shards],
-            [kept[s.class_id] for s in shards],
+            shards.counts,
+            shards.class_ids,
+            usable,
             PlanConfig(seq_len, class_sampling, seed, window),
         )
         self.layout = Layout(world_size, streams_per_rank, batch_size, open_shards)
@@ -181,9 +203,17 @@ class SequenceLoader:
                 f"world_size x max(num_workers, 1) = {self.layout.num_streams} data streams; write smaller "
                 f"shards (make_shards --shard-size) or use fewer workers"
             )
-        # Before training: every shard this rank set may read is there, whole (one listing).
-        used = [s for s, g in zip(shards, self._planner.groups_per_shard) if g > 0]
-        check_shards(used, self.manifest.root, storage_options, retry)
+        clock.append(time.perf_counter())
+        # Before training: every shard the world may read is there (one listing, by rank 0 alone
+        # when the ranks share).
+        used = np.flatnonzero(self._planner.groups_per_shard > 0).tolist()
+        share(
+            lambda: check_shards(
+                [shards[i] for i in used], self.manifest.root, storage_options, retry
+            )
+        )
+        clock.append(time.perf_counter())
+        self.startup_s = dict(zip(("manifest", "plan", "shard_check"), np.diff(clock).tolist()))
         self.sequences_per_epoch = self._planner.sequences_per_epoch
         self.epoch_length = self.sequences_per_epoch // (world_size * batch_size)
         if self.epoch_length == 0:
@@ -212,10 +242,11 @@ class SequenceLoader:
         if wrong:
             raise ManifestError(f"manifest {m.url} has " + " and ".join(wrong))
 
-    def _kept_classes(self, min_per_class: int | None) -> list[bool]:
+    def _kept_classes(self, min_per_class: int | None) -> np.ndarray:
+        """(classes,) bool: the classes planned; raises or warns about the others."""
         m = self.manifest
         need = self.seq_len if min_per_class is None else min_per_class
-        small = [c for c, count in enumerate(m.counts) if count < need]
+        small = np.flatnonzero(np.array(m.counts) < need).tolist()
         listed = ", ".join(f"{m.class_names[c]!r} (id {c}, {m.counts[c]} samples)" for c in small)
         if small and min_per_class is None:
             raise ManifestError(
@@ -233,13 +264,19 @@ class SequenceLoader:
             )
         if len(small) == len(m.counts):
             raise ManifestError(f"manifest {m.url}: no class has {need} samples")
-        return [c not in small for c in range(len(m.counts))]
+        kept = np.ones(len(m.counts), dtype=bool)
+        kept[small] = False
+        return kept
 
     def _start(
         self, view: PlanView, batches: int, positions: list[Position], bad: list[int]
     ) -> None:
         self._view, self._batches = view, batches
         self._positions, self._bad = [tuple(p) for p in positions], list(bad)
+
+    @property
+    def plan(self) -> PlanView:
+        return self._view
 
     def _local_streams(self) -> range:
         first = self.rank * self.layout.streams_per_rank
@@ -392,3 +429,8 @@ class SequenceLoader:
 
 def _as_is(item):
     return item
+
+
+def _run_here(fn: Callable[[], T]) -> T:
+    """``share`` without peers: this rank does the work itself."""
+    return fn()

@@ -24,6 +24,12 @@ stream reads its shards in *rounds* of ``open_shards`` shards at a time and emit
 uniformly random interleaving, so consecutive sequences (and a batch) mix up to ``open_shards``
 classes per stream.
 
+Cost at scale (S shards, W streams): the content is O(S log S) arrays; the deal, the only step that
+spans the world, is O(S log W) and a few array entries per shard (:class:`Deal`); a stream's rounds
+are derived from the deal when its worker asks for them (:meth:`PlanView.rounds`), and a shard's
+groups when the stream opens the shard. No step builds every stream's plan unless asked to
+(re-planning after a layout change locates every old stream).
+
 A *position* (epoch, round, offset) counts the groups a stream has processed; together with the
 plan it says exactly which groups are consumed. That makes two kinds of restart possible:
 same layout -> continue each stream at its position; new layout -> re-plan only what is left of the
@@ -99,6 +105,21 @@ def split(total: int, weights: np.ndarray) -> np.ndarray:
     return parts
 
 
+class Deal(NamedTuple):
+    """Which stream each shard with groups left goes to in one epoch, in the order they were dealt.
+
+    The deal is the one whole-world step of planning: O(S log W) for S shards and W streams, a
+    few array entries per shard. A stream's rounds are derived from it on demand
+    (:meth:`Planner.rounds`), so a worker never builds the other streams' plans.
+    """
+
+    shards: np.ndarray  # (k,) int64: shard ids
+    streams: np.ndarray  # (k,) int64: the stream each shard was dealt to
+    starts: np.ndarray  # (k,) int64: the first group of the shard left in this epoch
+    by_stream: np.ndarray  # (k,) int64: argsort of ``streams`` (stable: dealing order per stream)
+    bounds: np.ndarray  # (W + 1,) int64: stream s owns by_stream[bounds[s]:bounds[s + 1]]
+
+
 class Planner:
     """Layout-independent epoch content plus layout-dependent assignment, both deterministic.
 
@@ -117,11 +138,9 @@ class Planner:
         if config.class_sampling == "proportional":
             self.groups_per_shard[self.usable] = self.counts[self.usable] // n
         else:
-            kept = np.unique(self.classes[self.usable])
-            quota = max(1, int(self.counts[self.usable].sum()) // (len(kept) * n))
-            for c in kept:
-                shards = np.flatnonzero(self.usable & (self.classes == c))
-                self.groups_per_shard[shards] = split(quota, self.counts[shards])
+            self.groups_per_shard[self.usable] = _class_quotas(
+                self.counts[self.usable], self.classes[self.usable], n
+            )
 
     @property
     def sequences_per_epoch(self) -> int:
@@ -154,59 +173,106 @@ class Planner:
         flips = rng.random((total, n)) < 0.5
         return Groups(np.concatenate(members), flips, np.concatenate(windows))
 
-    def rounds(self, epoch: int, layout: Layout, starts: dict[int, int]) -> list[list[Round]]:
-        """Per stream, its rounds in ``epoch``; shard i contributes groups starts.get(i, 0) .. g_i - 1."""
-        left = self.groups_per_shard - np.array(
-            [starts.get(i, 0) for i in range(len(self.counts))], dtype=np.int64
-        )
+    def deal(self, epoch: int, layout: Layout, starts: dict[int, int]) -> Deal:
+        """The shards of ``epoch`` dealt to the streams of ``layout``: shuffled (seeded by epoch),
+        each to the stream with the fewest groups so far (ties: the lower stream id); shard i
+        contributes groups starts.get(i, 0) .. g_i - 1."""
+        first = np.zeros(len(self.counts), dtype=np.int64)
+        for shard, start in starts.items():
+            first[shard] = start
         order = np.random.default_rng([self.config.seed, _SHARD_ORDER, epoch]).permutation(
             len(self.counts)
         )
-        heap = [(0, s) for s in range(layout.num_streams)]
-        dealt: list[list[Slot]] = [[] for _ in range(layout.num_streams)]
-        for shard in order:
-            if left[shard] > 0:
-                load, stream = heapq.heappop(heap)
-                dealt[stream].append(
-                    Slot(int(shard), int(starts.get(shard, 0)), int(self.groups_per_shard[shard]))
-                )
-                heapq.heappush(heap, (load + int(left[shard]), stream))
-        plans = []
-        for stream, slots in enumerate(dealt):
-            rounds = []
-            for r in range(0, len(slots), layout.open_shards):
-                chunk = tuple(slots[r : r + layout.open_shards])
-                rng = np.random.default_rng(
-                    [self.config.seed, _INTERLEAVE, epoch, layout.num_streams, stream, r]
-                )
-                owners = np.repeat(np.arange(len(chunk)), [s.stop - s.start for s in chunk])
-                rounds.append(Round(chunk, rng.permutation(owners)))
-            plans.append(rounds)
-        return plans
+        left = (self.groups_per_shard - first)[order]
+        order = order[left > 0]
+        heap = [(0, s) for s in range(layout.num_streams)]  # sorted, hence a heap
+        streams = []
+        for size in left[left > 0].tolist():
+            load, stream = heap[0]
+            streams.append(stream)
+            heapq.heapreplace(heap, (load + size, stream))
+        streams = np.array(streams, dtype=np.int64)
+        by_stream = np.argsort(streams, kind="stable")
+        bounds = np.searchsorted(streams[by_stream], np.arange(layout.num_streams + 1))
+        return Deal(order, streams, first[order], by_stream, bounds)
+
+    def rounds(self, epoch: int, layout: Layout, deal: Deal, stream: int) -> list[Round]:
+        """The rounds of ``stream`` in ``epoch``, given the epoch's ``deal`` for ``layout``."""
+        mine = deal.by_stream[deal.bounds[stream] : deal.bounds[stream + 1]]
+        slots = [
+            Slot(shard, start, stop)
+            for shard, start, stop in zip(
+                deal.shards[mine].tolist(),
+                deal.starts[mine].tolist(),
+                self.groups_per_shard[deal.shards[mine]].tolist(),
+            )
+        ]
+        rounds = []
+        for r in range(0, len(slots), layout.open_shards):
+            chunk = tuple(slots[r : r + layout.open_shards])
+            rng = np.random.default_rng(
+                [self.config.seed, _INTERLEAVE, epoch, layout.num_streams, stream, r]
+            )
+            owners = np.repeat(np.arange(len(chunk)), [s.stop - s.start for s in chunk])
+            rounds.append(Round(chunk, rng.permutation(owners)))
+        return rounds
+
+
+def _class_quotas(counts: np.ndarray, classes: np.ndarray, n: int) -> np.ndarray:
+    """Uniform sampling's groups per shard: every class gets Q = max(1, N // (C n)) groups, split
+    over its shards as :func:`split` does (largest remainders, ties to the lower index), for all
+    classes at once: O(S log S) rather than one pass over all S shards per class.
+
+    counts, classes: (S,) of the shards to plan (manifest order). Returns (S,) int64.
+    """
+    kept, dense = np.unique(classes, return_inverse=True)
+    quota = max(1, int(counts.sum()) // (len(kept) * n))
+    weights = counts.astype(np.float64)
+    exact = quota * weights / np.bincount(dense, weights=weights)[dense]
+    parts = np.floor(exact).astype(np.int64)
+    short = quota - np.bincount(dense, weights=parts).astype(np.int64)
+    # per class: shards by descending remainder, ties to the lower index; the first `short` get +1
+    order = np.lexsort((np.arange(len(counts)), -(exact - parts), dense))
+    first_of_class = np.searchsorted(dense[order], np.arange(len(kept)))
+    rank_in_class = np.arange(len(counts)) - first_of_class[dense[order]]
+    parts[order[rank_in_class < short[dense[order]]]] += 1
+    return parts
 
 
 class PlanView:
-    """The plan of one layout from a base (epoch, starts) on, with each epoch's rounds cached."""
+    """The plan of one layout from a base (epoch, starts) on. Each epoch's deal and the rounds of
+    the streams asked for are cached (the last five epochs): a DataLoader worker builds only its
+    own stream's rounds."""
 
     def __init__(
         self, planner: Planner, layout: Layout, base_epoch: int = 0, starts: Starts | None = None
     ):
         self.planner, self.layout, self.base_epoch = planner, layout, base_epoch
         self.starts: Starts = starts or {}
-        self._cache: dict[int, list[list[Round]]] = {}
+        self._cache: dict[int, tuple[Deal, dict[int, list[Round]]]] = {}
 
-    def rounds(self, epoch: int) -> list[list[Round]]:
+    def deal(self, epoch: int) -> Deal:
+        return self._epoch(epoch)[0]
+
+    def rounds(self, epoch: int, stream: int) -> list[Round]:
+        deal, rounds = self._epoch(epoch)
+        if stream not in rounds:
+            rounds[stream] = self.planner.rounds(epoch, self.layout, deal, stream)
+        return rounds[stream]
+
+    def _epoch(self, epoch: int) -> tuple[Deal, dict[int, list[Round]]]:
         if epoch not in self._cache:
             if len(self._cache) > 4:
                 self._cache.pop(min(self._cache))
-            self._cache[epoch] = self.planner.rounds(epoch, self.layout, self.starts.get(epoch, {}))
+            deal = self.planner.deal(epoch, self.layout, self.starts.get(epoch, {}))
+            self._cache[epoch] = (deal, {})
         return self._cache[epoch]
 
     def locate(self, stream: int, processed: int) -> Position:
         """Position of ``stream`` after ``processed`` groups from the base."""
         epoch = self.base_epoch
         while True:
-            for r, rnd in enumerate(self.rounds(epoch)[stream]):
+            for r, rnd in enumerate(self.rounds(epoch, stream)):
                 if processed < len(rnd.order):
                     return epoch, r, processed
                 processed -= len(rnd.order)
@@ -216,7 +282,7 @@ class PlanView:
         """The same position, moved past finished rounds and epochs (so its epoch has groups left)."""
         epoch, r, j = position
         while True:
-            rounds = self.rounds(epoch)[stream]
+            rounds = self.rounds(epoch, stream)
             while r < len(rounds) and j >= len(rounds[r].order):
                 r, j = r + 1, 0
             if r < len(rounds):
@@ -229,7 +295,7 @@ class PlanView:
         positions = {s: self.normalize(s, p) for s, p in positions.items()}
         for stream, (epoch, r, j) in positions.items():
             for e in range(self.base_epoch, epoch + 1):
-                rounds = self.rounds(e)[stream]
+                rounds = self.rounds(e, stream)
                 for ri, rnd in enumerate(rounds[: r + 1] if e == epoch else rounds):
                     if e == epoch and ri == r:  # the round in progress: its first j groups
                         done = np.bincount(rnd.order[:j], minlength=len(rnd.slots))

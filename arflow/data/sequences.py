@@ -144,7 +144,7 @@ class SequenceStream(IterableDataset):
         self.manifest, self.view, self.rank = manifest, view, rank
         self.positions, self.bad_samples, self.options = positions, bad_samples, options
         self.slots = slots
-        self._offsets = np.cumsum([0] + [s.count for s in manifest.shards])
+        self._offsets = np.concatenate([[0], np.cumsum(manifest.shards.counts)])
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -175,7 +175,7 @@ class SequenceStream(IterableDataset):
             if any(a is None for a in arrays):
                 continue  # a bad member: the sequence is dropped (the sample was reported when read)
             self._images(arrays, groups.flips[group], (epoch, shard, group), noise, x[len(ys)])
-            ys.append(self.manifest.shards[shard].class_id)
+            ys.append(self.manifest.shards.class_ids[shard])
             ids.append(self._offsets[shard] + groups.members[group])
             epochs.append(epoch)
             if len(ys) == size:
@@ -191,7 +191,7 @@ class SequenceStream(IterableDataset):
         """Yield (position after, shard, group index, shard's Groups, member arrays) forever."""
         epoch, first_round, offset = position
         while True:
-            rounds = self.view.rounds(epoch)[stream]
+            rounds = self.view.rounds(epoch, stream)
             for r in range(first_round, len(rounds)):
                 slots, order = rounds[r].slots, rounds[r].order
                 next_group = [

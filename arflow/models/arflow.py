@@ -23,6 +23,7 @@ from torch import nn
 from arflow.config import model_kwargs  # the zoo's named sizes
 
 from .causal_attention import CausalSoftmaxAttention, KVCache
+from .hub import HubMixin
 from .hybrid_attention import HybridAttention
 from .layers import (
     FinalLayer,
@@ -83,12 +84,16 @@ class ARFlowBlock(nn.Module):
         return x, state
 
 
-class ARFlow(nn.Module):
+class ARFlow(nn.Module, HubMixin):
     """ARFlow velocity model. `forward` trains on whole sequences; `step` samples image by image.
 
     `attention`: "hybrid" (the paper's model, the release's parameter names) or
     "causal_softmax" (the paper's attention ablation: no gt_proj, a growing key/value cache as
     the sampling state; see causal_attention.py).
+
+    `save_pretrained(dir)`, `ARFlow.from_pretrained(dir or repo id)` and `push_to_hub` read and
+    write the Hugging Face Hub format (hub.py); the constructor's keyword arguments are what
+    config.json records, so they must stay JSON values.
     """
 
     def __init__(
@@ -119,11 +124,9 @@ class ARFlow(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
-        # A fixed table, stored as a frozen parameter (not a buffer) so released checkpoints,
-        # which contain it, load with strict=True.
-        self.pos_embed = nn.Parameter(
-            sincos_pos_embed_2d(hidden_size, grid)[None], requires_grad=False
-        )
+        # A fixed table (filled in initialize_weights), stored as a frozen parameter (not a
+        # buffer) so released checkpoints, which contain it, load with strict=True.
+        self.pos_embed = nn.Parameter(torch.empty(1, grid * grid, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
             ARFlowBlock(hidden_size, num_heads, mlp_ratio, attention) for _ in range(depth)
         )
@@ -136,7 +139,15 @@ class ARFlow(nn.Module):
         return self.num_classes
 
     def initialize_weights(self) -> None:
-        """DiT initialisation: xavier linears, zero adaLN and output layer (identity blocks)."""
+        """DiT initialisation: the sin-cos positions, xavier linears, zero adaLN and output
+        layer (identity blocks). Nothing to do on the meta device (a model built for its shapes,
+        or to take a state dict's tensors): most ops on meta tensors run Python decompositions,
+        whose first use imports seconds' worth of modules."""
+        if self.pos_embed.is_meta:
+            return
+        grid = self.input_size // self.patch_size
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid)[None])
 
         def xavier(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -217,14 +228,12 @@ class ARFlow(nn.Module):
             new_states.append(state)
         return tokens, tuple(new_states)
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, form: str = "parallel"
-    ) -> torch.Tensor:
-        """Velocity for a whole sequence.
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Velocity for a whole sequence, every attention in its parallel form (the test
+        reference with naive attentions is `arflow.models.naive.forward`).
 
         x: (B, S, C, H, W) images, noisier first; t: (B, S) noise levels in [0, 1] (1 = data);
-        y: (B,) class labels -> (B, S, C, H, W). `form` picks the attention form ("parallel"
-        or "naive"; the latter is the slow test reference).
+        y: (B,) class labels -> (B, S, C, H, W).
 
         Labels on the CPU are range-checked here (free). Labels on an accelerator are not: that
         would be a host sync per call and a graph break under torch.compile; the training data
@@ -234,7 +243,7 @@ class ARFlow(nn.Module):
         if y.device.type == "cpu" and not torch.compiler.is_compiling():
             self.check_labels(y)
         tokens, c = self.embed(x, t, y)
-        tokens, _ = self.run_blocks(tokens, c, [None] * len(self.blocks), form)
+        tokens, _ = self.run_blocks(tokens, c, [None] * len(self.blocks), "parallel")
         return self.unpatchify(self.final_layer(tokens, c))
 
     def step(

@@ -30,7 +30,8 @@ SDE steps the cache holds 28 x 2 x 250 x 256 x 1152 values per sample, 8.3 GB in
 
 Forms: `parallel` (all S images, one SDPA call with a block-causal mask over S N tokens, plus
 the cache as a prefix every query sees), `recurrent` (one image against the cache; the same
-code with S = 1, where no mask is needed) and `naive` (explicit loops, for tests).
+code with S = 1, where no mask is needed); `arflow.models.naive.causal_softmax_attention` is
+the test reference (explicit loops).
 """
 
 from __future__ import annotations
@@ -93,8 +94,6 @@ class CausalSoftmaxAttention(SequenceAttention):
         self.check_form(form, S)
         if state is not None:
             check_cache(state, B, self.num_heads, self.head_dim)
-        if form == "naive":
-            return self.naive(h, state)
         qkv = self.project_qkv(h, memory_order=(0, 2, 1, 3, 4))
         # (B, H, S N, d): all images of a head together (a view, not a copy, in eager mode).
         q, k, v = (t.transpose(1, 2).reshape(B, self.num_heads, S * N, -1) for t in qkv)
@@ -107,29 +106,3 @@ class CausalSoftmaxAttention(SequenceAttention):
         mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S N, d)
         mixed = mixed.unflatten(2, (S, N)).transpose(1, 2)  # (B, S, H, N, d)
         return self.gated_output(h, mixed), KVCache(k, v)
-
-    def naive(self, h: torch.Tensor, state: KVCache | None) -> tuple[torch.Tensor, KVCache]:
-        """Reference: for each image and head, one softmax over the keys of that image and all
-        earlier ones, gathered in a growing list rather than masked; from the weights, fp32,
-        slow, for tests only."""
-        with torch.autocast(h.device.type, enabled=False):
-            return self._naive(h.float(), state, h.dtype)
-
-    def _naive(self, h, state, out_dtype):
-        B, S, N, _ = h.shape
-        H, d = self.num_heads, self.head_dim
-        q, k, v = self.naive_qkv(h)  # (B, S, N, H, d)
-        empty = h.new_zeros(B, 0, d)
-        keys = [empty if state is None else state.k[:, head].float() for head in range(H)]
-        values = [empty if state is None else state.v[:, head].float() for head in range(H)]
-        images = []
-        for s in range(S):
-            mixed = h.new_zeros(B, N, H, d)
-            for head in range(H):
-                keys[head] = torch.cat([keys[head], k[:, s, :, head]], dim=1)  # (B, L, d)
-                values[head] = torch.cat([values[head], v[:, s, :, head]], dim=1)
-                logits = q[:, s, :, head] @ keys[head].transpose(1, 2) / d**0.5
-                mixed[:, :, head] = torch.softmax(logits, dim=-1) @ values[head]
-            images.append(self.naive_output(h[:, s], mixed))
-        cache = KVCache(torch.stack(keys, dim=1), torch.stack(values, dim=1))
-        return torch.stack(images, dim=1).to(out_dtype), cache

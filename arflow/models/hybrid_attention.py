@@ -13,13 +13,15 @@ as the public release does; c_tok is the image's conditioning vector repeated ov
     out           = W_out( silu(h W_g) * RMSNorm_d(O1 + O2) )
 
 Image s therefore reads images < s only through the (d x d) state H_s, and the state costs O(1)
-memory in the number of images. Three forms compute the same function over one parameter set:
+memory in the number of images. Two forms compute the same function over one parameter set:
 
 - `parallel`: all S images at once (training). The intra term folds images into the batch
   (flash-attn or SDPA, never an (S N)^2 matrix); the states H_s for every s come from one
   decay-weighted sum over the S per-image d x d products.
 - `recurrent`: one image, state in -> (output, state out) (sampling).
-- `naive`: explicit loops over images, heads and tokens; a reference for tests only.
+
+`arflow.models.naive.hybrid_attention` is the test reference both are held to: the same math
+with explicit loops over images, heads and tokens.
 
 The inter-image term is computed in fp32 whatever the input dtype: the state sums many images'
 products and is carried over hundreds of sampling steps. The projections and the gated output
@@ -146,8 +148,6 @@ class HybridAttention(SequenceAttention):
                 B, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32
             )
         check_state(state, B, self.num_heads, self.head_dim)
-        if form == "naive":
-            return self.naive(h, c, state)
         # (B, S, H, N, d) head-major: the layout the attention kernels and the d x d products
         # read without copies.
         q, k, v = self.project_qkv(h)
@@ -166,37 +166,3 @@ class HybridAttention(SequenceAttention):
         # (h + c) W_gt = h W_gt + c W_gt: the conditioning term is computed once per image.
         logits = self.gt_proj(h) + self.gt_proj(c)[:, :, None]
         return F.logsigmoid(logits.float()).transpose(2, 3) / self.gate_logit_normalizer
-
-    def naive(
-        self, h: torch.Tensor, c: torch.Tensor, state: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference: the math of the module docstring transcribed with explicit loops over
-        images, heads and tokens, straight from the weights and with its own norms (it shares
-        no code with the fast forms, so the tests compare two derivations). fp32, slow,
-        for tests only. h: (B, S, N, D), c: (B, S, D), state: (B, H, d, d)."""
-        with torch.autocast(h.device.type, enabled=False):
-            return self._naive(h.float(), c.float(), state.float(), h.dtype)
-
-    def _naive(self, h, c, state, out_dtype):
-        B, S, N, _ = h.shape
-        H, d = self.num_heads, self.head_dim
-        q, k, v = self.naive_qkv(h)  # (B, S, N, H, d)
-        k = k / d**0.5
-        logits = self.naive_linear("gt_proj", h + c[:, :, None])
-        gamma = F.logsigmoid(logits) / self.gate_logit_normalizer  # (B, S, N, H)
-        heads = list(state.unbind(1))  # H_s per head, (B, d, d)
-        images = []
-        for s in range(S):
-            mixed = h.new_zeros(B, N, H, d)
-            for head in range(H):
-                qs, ks, vs = q[:, s, :, head], k[:, s, :, head], v[:, s, :, head]  # (B, N, d)
-                intra = torch.softmax(qs @ ks.transpose(1, 2), dim=-1) @ vs
-                running = h.new_zeros(B)
-                for i in range(N):
-                    running = running + gamma[:, s, i, head]
-                    inter = (qs[:, i] * running.exp()[:, None])[:, None] @ heads[head]
-                    mixed[:, i, head] = intra[:, i] + inter[:, 0]
-                lam = gamma[:, s, :, head].mean(dim=1).exp()
-                heads[head] = lam[:, None, None] * heads[head] + ks.transpose(1, 2) @ vs
-            images.append(self.naive_output(h[:, s], mixed))
-        return torch.stack(images, dim=1).to(out_dtype), torch.stack(heads, dim=1)

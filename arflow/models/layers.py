@@ -96,8 +96,13 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
-        has_null = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + int(has_null), hidden_size)
+        rows = num_classes + int(dropout_prob > 0)
+        # Values come from ARFlow.initialize_weights (normal, std 0.02, as DiT); passing the
+        # table skips nn.Embedding's own normal fill, which on the meta device would import
+        # seconds' worth of decompositions.
+        self.embedding_table = nn.Embedding(
+            rows, hidden_size, _weight=torch.empty(rows, hidden_size)
+        )
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 

@@ -1,9 +1,20 @@
-"""Self-describing weight files: one `.safetensors` holding an ARFlow state dict plus metadata
-(the constructor arguments and, optionally, the training config), so a model is rebuilt from
-the file alone with `load_pretrained(path)`. This is the one weight format: the trainer's
-exports (`model.safetensors`, `ema.safetensors`), the EMA in every checkpoint and
-tools/convert_ckpt.py all write it, and `load_pretrained` is the one loader (it also takes a
-run directory or a checkpoint directory).
+"""ARFlow weights on disk, in two formats that hold the same tensors:
+
+- one self-describing `.safetensors` file: the state dict plus metadata (the constructor
+  arguments and, optionally, the training config), so `load_pretrained(path)` rebuilds the
+  model from the file alone. The trainer's exports (`model.safetensors`, `ema.safetensors`),
+  the EMA in every checkpoint and tools/convert_ckpt.py write it with `save_pretrained`;
+  `load_pretrained` is its loader (it also takes a run directory, a checkpoint step directory
+  or a Hub folder).
+- a Hugging Face Hub folder or repository: `config.json` (the same constructor arguments),
+  `model.safetensors` and a model card. `ARFlow.save_pretrained(dir)`,
+  `ARFlow.from_pretrained(dir or repo id)` and `push_to_hub` come from hub.py's `HubMixin`;
+  `save_hub_folder` writes a folder from a state dict (conversion of a checkpoint or a file).
+
+Either loader checks the metadata against the file's tensor names and shapes before it builds
+the model (`hub.check_weights`, the one check), so a file that describes another model is
+refused with the differing keys and shapes, and a file that claims a huge model allocates
+nothing.
 
 `infer_architecture` reads the architecture off a state dict's tensor shapes, for files that
 carry no metadata (the public release's checkpoints).
@@ -18,16 +29,23 @@ from pathlib import Path
 
 import torch
 
-from arflow.config import MODEL_NAMES, model_kwargs
-
-from ..storage.hashing import MANIFEST, HashingWriter, verify_listed
+from ..storage.hashing import HashingWriter, verify_listed
 from ..utils.safe_load import CorruptFileError, UnsafeCheckpointError, load_torch_file
 from .arflow import ARFlow
+from .hub import (
+    last_evaluation,
+    load_checked,
+    meta_model,
+    open_safetensors,
+    shape_mismatches,
+    zoo_name,
+)
 
 ARCH_KEY = "arflow.architecture"
 NAME_KEY = "arflow.model"
 CONFIG_KEY = "arflow.config"
 EMA_FILE = "ema.safetensors"  # the EMA weights in a run directory and in each checkpoint
+HUB_CONFIG = "config.json"  # what makes a directory a Hub folder
 
 
 def architecture_of(model: ARFlow) -> dict:
@@ -46,15 +64,6 @@ def architecture_of(model: ARFlow) -> dict:
         learn_sigma=model.learn_sigma,
         attention=model.attention,
     )
-
-
-def zoo_name(arch: dict) -> str | None:
-    """The zoo name ("ARFlow-XL/2") whose shape matches `arch`, if any."""
-    for name in MODEL_NAMES:
-        zoo = model_kwargs(name)
-        if all(arch[k] == v for k, v in zoo.items()) and arch["mlp_ratio"] == 4.0:
-            return name
-    return None
 
 
 def infer_architecture(state: dict[str, torch.Tensor], class_dropout_prob: float = 0.1) -> dict:
@@ -106,21 +115,40 @@ def infer_architecture(state: dict[str, torch.Tensor], class_dropout_prob: float
     )
 
 
+def model_holding(state: dict[str, torch.Tensor], arch: dict) -> ARFlow:
+    """ARFlow(**arch) holding `state`'s tensors themselves (no copy, no initialisation), after
+    the same name and shape comparison as `hub.check_weights`: ValueError naming each
+    difference, so no unloadable file is ever written."""
+    model = meta_model(ARFlow, arch, "the weights to save")
+    problems = shape_mismatches(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: tuple(v.shape) for k, v in state.items()},
+    )
+    if problems:
+        raise ValueError(
+            f"the weights do not fit the architecture {json.dumps(arch)}. "
+            + ". ".join(problems)
+            + "."
+        )
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
 def weights_bytes(state: dict[str, torch.Tensor], arch: dict, config: dict | None = None) -> bytes:
     """`state` and its architecture (and the training config, if given) serialised as one
     self-describing safetensors file. The state is checked against the architecture first
-    (strict), so no unloadable file is ever written."""
+    (`model_holding`)."""
     from safetensors.torch import save
 
-    with torch.device("meta"):  # a shape check only: no memory, no initialisation
-        ARFlow(**arch).load_state_dict(state, strict=True, assign=True)
+    tensors = model_holding(state, arch).state_dict()
     metadata = {ARCH_KEY: json.dumps(arch)}
     name = zoo_name(arch)
     if name:
         metadata[NAME_KEY] = name
     if config is not None:
         metadata[CONFIG_KEY] = json.dumps(config)
-    return save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+    return save(tensors, metadata=metadata)
 
 
 def save_pretrained(
@@ -137,18 +165,9 @@ def save_pretrained(
     return path
 
 
-def _open(path: Path):
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (corrupt?): {err}") from None
-
-
 def read_metadata(path: str | Path) -> dict:
     """The metadata of a weight file written by `save_pretrained` (architecture, config)."""
-    with _open(Path(path)) as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
     if ARCH_KEY not in meta:
         raise ValueError(
@@ -163,39 +182,70 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def resolve_weights(path: str | Path) -> Path:
-    """The weight file `path` stands for: a file as it is; a run directory or a checkpoint step
-    directory: its EMA weights (`ema.safetensors`); a checkpoint root: the EMA weights of its
-    newest complete step directory (one with a meta.json)."""
+    """The weights `path` stands for: a file as it is; a Hub folder (config.json and
+    model.safetensors) as it is; a run directory or a checkpoint step directory: its EMA weights
+    (`ema.safetensors`). Which step of a checkpoint root is meant is the checkpoint component's
+    rule (`arflow.checkpoint.weights_file`), not a listing's order."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or (path / HUB_CONFIG).is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"weights {path} do not exist")
     if (path / EMA_FILE).is_file():
         return path / EMA_FILE
-    steps = sorted(
-        d for d in path.iterdir() if (d / MANIFEST).is_file() and (d / EMA_FILE).is_file()
+    raise FileNotFoundError(
+        f"{path} holds no weights: expected a .safetensors file, a Hub folder (config.json), a "
+        f"run or checkpoint step directory with {EMA_FILE}, or a checkpoint root (the `arflow` "
+        f"commands take one: arflow.checkpoint.weights_file)"
     )
-    if not steps:
-        raise FileNotFoundError(
-            f"{path} holds no weights: expected a .safetensors file, a run or checkpoint step "
-            f"directory with {EMA_FILE}, or a checkpoint root with complete step directories"
-        )
-    return steps[-1] / EMA_FILE
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> ARFlow:
     """The model in a self-describing weight file (or a directory, see `resolve_weights`),
     weights loaded strictly, in eval mode. A file listed in its checkpoint's meta.json is
-    checked against its recorded size and checksum first."""
+    checked against its recorded size and checksum first, and its metadata against its tensors
+    before the model is allocated (`hub.check_weights`)."""
     path = resolve_weights(path)
+    if path.is_dir():  # a Hub folder
+        return ARFlow.from_pretrained(path, map_location=str(device)).to(device).eval()
     verify_listed(str(path))
     meta = read_metadata(path)
-    model = ARFlow(**meta["architecture"])
-    with _open(path) as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    return load_checked(ARFlow, path, meta["architecture"], device)
+
+
+def save_hub_folder(
+    state: dict[str, torch.Tensor],
+    directory: str | Path,
+    arch: dict,
+    config: dict | None = None,
+    *,
+    step: int | None = None,
+    metrics: str | Path | None = None,
+) -> Path:
+    """Write `state` as a Hub folder (config.json, model.safetensors, README.md: what
+    `ARFlow.save_pretrained` writes and `ARFlow.from_pretrained` reads), for conversion.
+
+    config: the run's training config (`Config.to_dict()`), shown by the model card; step: the
+    training step of these weights; metrics: the run's metrics.jsonl (or its run directory),
+    whose last FID the card quotes (`hub.last_evaluation`). The folder is written beside its
+    final name and renamed into place; an existing non-empty `directory` is refused, not
+    overwritten (huggingface_hub would keep its old card). Needs huggingface_hub."""
+    import shutil
+
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise FileExistsError(f"{directory} exists and is not an empty directory")
+    model = model_holding(state, arch)
+    card = dict(
+        training_config=config,
+        step=step,
+        evaluation=last_evaluation(metrics) if metrics is not None else None,
+    )
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, model_card_kwargs=card)
+    tmp.replace(directory)
+    return directory
 
 
 def read_official_checkpoint(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:

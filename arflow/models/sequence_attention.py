@@ -14,20 +14,20 @@ The norm over the full width is what the release does (its norms are built with 
 as nominal size but applied before the split, and average over the last axis); its weights were
 trained that way, and per-head statistics give other outputs.
 
-Each subclass computes O its own way and keeps an explicit state between calls. The `naive_*`
-helpers transcribe the same formulas again straight from the weights for the naive (test
-reference) forms, so that the tests compare two derivations rather than one code path twice.
+Each subclass computes O its own way and keeps an explicit state between calls. Their test
+references are free functions of `arflow.models.naive`, which transcribe the same formulas
+again straight from the weights, so that the tests compare two derivations rather than one code
+path twice.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .head_norms import gated_head_norm, norm_split_heads
 
-FORMS = ("parallel", "recurrent", "naive")
+FORMS = ("parallel", "recurrent")
 
 
 class SequenceAttention(nn.Module):
@@ -71,28 +71,3 @@ class SequenceAttention(nn.Module):
         float dtype and layout, or several terms that sum to it -> out_proj(silu(h W_g) *
         RMSNorm_d(O)) (B, S, N, D)."""
         return self.out_proj(gated_head_norm(self.g_proj(h), *mixed))
-
-    # ------------------------------------------------------------- naive (test reference) forms
-    @staticmethod
-    def naive_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-        """RMS over the last axis, no affine, fp32 arithmetic written out."""
-        return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-
-    def naive_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T with the weight of the projection `name` read directly, in fp32."""
-        return x @ getattr(self, name).weight.float().T
-
-    def naive_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h: (B, S, N, D) fp32 -> q, k, v (B, S, N, H, d): RMS statistics over all D channels
-        of each token, then the split into heads (k not scaled)."""
-        B, S, N, _ = h.shape
-        H, d = self.num_heads, self.head_dim
-        return tuple(
-            self.naive_rms(self.naive_linear(name, h)).view(B, S, N, H, d)
-            for name in ("q_proj", "k_proj", "v_proj")
-        )
-
-    def naive_output(self, h: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-        """h: (B, N, D) one image's tokens; mixed: (B, N, H, d) its heads' mix -> (B, N, D)."""
-        gate = F.silu(self.naive_linear("g_proj", h))
-        return self.naive_linear("out_proj", gate * self.naive_rms(mixed).flatten(-2))

@@ -1,8 +1,10 @@
 """Training metrics: summed on the device between log steps (StepMetrics), then written by
-rank 0 (MetricsLogger) to a tqdm bar, `metrics.jsonl` in the run directory, and wandb.
+rank 0 (MetricsLogger) to a tqdm bar, `metrics.jsonl` in the run directory, TensorBoard event
+files and wandb.
 
-`metrics.jsonl` always works (no service needed). wandb follows WANDB_MODE when it is set,
-runs offline when no API key is configured, and is off with `logging.wandb: false`.
+`metrics.jsonl` always works (no service needed). TensorBoard writes under
+`<run.dir>/tensorboard/` unless `logging.tensorboard: false`. wandb follows WANDB_MODE when it
+is set, runs offline when no API key is configured, and is off with `logging.wandb: false`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from arflow.config import Config
+from arflow.config import Config, ConfigError
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -37,7 +39,12 @@ class StepMetrics:
     """The steps since the last log step. Loss and gradient norm are summed on the device, so a
     step costs no host sync; `read` (at log steps) reduces them over ranks and reads them once.
     The step time is the window's wall time over its steps, measured there too (the read waits
-    for the device), leaving out time spent `paused` (checkpoints, evaluation)."""
+    for the device), leaving out time spent `paused` (checkpoints, evaluation). The time spent
+    `waiting_for_data` is host wall time only (no sync either).
+
+    On a GPU the host runs ahead of the device by less than a step (each step reads back its
+    skip / stop decision), so host time spent waiting for the next batch is, up to the tail of
+    the previous step's optimizer update, time the device sat idle."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -49,6 +56,7 @@ class StepMetrics:
         self.steps = 0
         self.start = time.perf_counter()
         self.excluded = 0.0
+        self.data_wait = 0.0
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: bool) -> None:
         """loss: () this rank's mean loss of the step; grad_norm: () global norm."""
@@ -57,28 +65,41 @@ class StepMetrics:
             self.applied += 1
             self.sums += torch.stack([loss.detach(), grad_norm.detach()]).double()
 
-    @contextlib.contextmanager
     def paused(self):
+        """Around what is not step time (checkpoints, evaluation)."""
+        return self._timed("excluded")
+
+    def waiting_for_data(self):
+        """Around fetching a step's batches and starting their copy to the device."""
+        return self._timed("data_wait")
+
+    @contextlib.contextmanager
+    def _timed(self, total: str):
+        """Adds the block's wall time to the attribute `total`."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.excluded += time.perf_counter() - t0
+            setattr(self, total, getattr(self, total) + time.perf_counter() - t0)
 
     def read(self, bad_samples: int) -> dict[str, float]:
         """Collective. Means over ranks and the window's applied steps (nan if none) of `loss`
-        and `grad_norm`, `step_time_s`, and `data_bad_samples`: the world sum of each rank's
+        and `grad_norm`, `step_time_s`, `data_wait_fraction`: the ranks' mean time waiting for
+        data over the window's wall time, and `data_bad_samples`: the world sum of each rank's
         `bad_samples`. Starts the next window."""
-        extra = torch.full((1,), float(bad_samples), dtype=torch.float64, device=self.device)
+        host = [float(bad_samples), self.data_wait]
+        extra = torch.tensor(host, dtype=torch.float64, device=self.device)
         totals = torch.cat([self.sums, extra])
-        dist.all_reduce(totals)
-        loss, grad_norm, bad = totals.tolist()  # waits for the window's steps
-        step_time = (time.perf_counter() - self.start - self.excluded) / max(self.steps, 1)
-        count = self.applied * dist.get_world_size()
+        dist.all_reduce(totals)  # the one collective of a log step
+        loss, grad_norm, bad, data_wait = totals.tolist()  # waits for the window's steps
+        world = dist.get_world_size()
+        wall = time.perf_counter() - self.start - self.excluded
+        count = self.applied * world
         out = {
             "loss": loss / count if count else math.nan,
             "grad_norm": grad_norm / count if count else math.nan,
-            "step_time_s": step_time,
+            "step_time_s": wall / max(self.steps, 1),
+            "data_wait_fraction": data_wait / world / wall,
             "data_bad_samples": int(bad),
         }
         self.reset()
@@ -120,6 +141,20 @@ def drop_replayed_rows(path: Path, start_step: int) -> None:
     tmp.replace(path)
 
 
+def tensorboard_writer(directory: Path, start_step: int):
+    """A SummaryWriter adding an event file to `directory`. Events of steps after `start_step`
+    in earlier files were logged by a run that died or was rolled back after its checkpoint:
+    TensorBoard hides them (purge_step), as drop_replayed_rows moves them out of metrics.jsonl."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ConfigError(
+            f"logging.tensorboard: needs the tensorboard package (pip install 'arflow[train]'), "
+            f"or set logging.tensorboard false ({err})"
+        ) from err
+    return SummaryWriter(str(directory), purge_step=start_step + 1)
+
+
 class MetricsLogger:
     """Create on every rank; only rank 0 writes anything."""
 
@@ -127,6 +162,7 @@ class MetricsLogger:
         self.enabled = is_main
         self.cfg = cfg
         self.wandb = None
+        self.tensorboard = None
         self.bar = None
         if not is_main:
             return
@@ -159,6 +195,8 @@ class MetricsLogger:
                 resume="allow",
                 mode=wandb_mode(),
             )
+        if cfg.logging.tensorboard:
+            self.tensorboard = tensorboard_writer(self.dir / "tensorboard", start_step)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -168,12 +206,27 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()  # as metrics.jsonl: a crash loses no logged row
 
     def log_image(self, step: int, key: str, path: Path, caption: str) -> None:
-        if self.enabled and self.wandb is not None:
+        if not self.enabled:
+            return
+        if self.wandb is not None:
             import wandb
 
             self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+        if self.tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.tensorboard.add_image(key, pixels, step, dataformats="HWC")
+            self.tensorboard.flush()
 
     def progress(self, step: int, postfix: dict | None = None) -> None:
         """Move the bar to `step`; `postfix` (log steps) replaces the figures shown beside it."""
@@ -198,3 +251,5 @@ class MetricsLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -7,16 +7,24 @@ is invisible until complete, in place; see ``arflow.storage.partial_path``), and
 ``<shard>.json`` records its checksum and a fingerprint of what went into it; a re-run skips every
 shard whose sidecar fingerprint matches and whose bytes still hash to the recorded sha256, so an
 interrupted run resumes where it stopped. The manifest is written last, by rank 0 alone.
+
+One build per output: rank 0 holds the output's lock (`.arflow.lock` beside the manifest: flock on
+a local or shared file system, a heartbeated object written with conditional requests on S3) from
+before the first shard until the manifest is written, and a second build on the same output is
+refused, on every rank, with a message naming the holder (two builds would move each other's
+temporary files away mid-write).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import multiprocessing
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +37,22 @@ from arflow.data.manifest import MANIFEST_NAME, VERSION, Manifest, ShardInfo
 from arflow.data.shards import record_bytes, sample_key, write_shard
 from arflow.data.writing.encoders import PixelEncoder, VaeEncoder
 from arflow.data.writing.sources import DigitsSource, ImageFolderSource
-from arflow.storage import RetryingReader, RetryPolicy, join_url, read_bytes, write_atomic
+from arflow.storage import (
+    RetryingReader,
+    RetryPolicy,
+    RunLockedError,
+    directory_lock,
+    join_url,
+    read_bytes,
+    write_atomic,
+)
 
 log = logging.getLogger("arflow.data")
+
+
+class OutputInUseError(RuntimeError):
+    """Another build holds the output."""
+
 
 Source = DigitsSource | ImageFolderSource
 Encoder = PixelEncoder | VaeEncoder
@@ -94,104 +115,148 @@ def build_shards(
 
     ``gather(obj)`` returns every rank's ``obj`` (all ranks call it; torch.distributed's
     all_gather_object under torchrun); it is also what makes rank 0 wait for the others.
-    Returns the manifest on rank 0, None on other ranks.
+    Returns the manifest on rank 0, None on other ranks. Raises OutputInUseError on every rank
+    when another build holds ``out``.
     """
-    kept, dropped = [], []
-    for name, items in source.classes:
-        if min_per_class is not None and len(items) < min_per_class:
-            dropped.append({"name": name, "count": len(items)})
-        elif not items:
-            raise ValueError(
-                f"class {name!r} of {source.name} has no images; pass --min-per-class 1 to drop it"
+    with _owned_output(out, storage_options, retry, rank, gather) as lock:
+        kept, dropped = [], []
+        for name, items in source.classes:
+            if min_per_class is not None and len(items) < min_per_class:
+                dropped.append({"name": name, "count": len(items)})
+            elif not items:
+                raise ValueError(
+                    f"class {name!r} of {source.name} has no images; pass --min-per-class 1 to drop it"
+                )
+            else:
+                kept.append((name, items))
+        if dropped and rank == 0:
+            log.warning(
+                "dropping %d classes with fewer than %d images (--min-per-class): %s",
+                len(dropped),
+                min_per_class,
+                ", ".join(f"{d['name']} ({d['count']})" for d in dropped),
             )
-        else:
-            kept.append((name, items))
-    if dropped and rank == 0:
-        log.warning(
-            "dropping %d classes with fewer than %d images (--min-per-class): %s",
-            len(dropped),
-            min_per_class,
-            ", ".join(f"{d['name']} ({d['count']})" for d in dropped),
+        if not kept:
+            raise ValueError(f"no class of {source.name} has at least {min_per_class} images")
+
+        per_sample = record_bytes(len(kept) - 1, encoder.dtype, encoder.stored_shape)
+        samples_per_shard = max(
+            1, (shard_size - 1024) // per_sample
+        )  # 1024: the tar end-of-archive blocks
+        describe = {
+            "source": source.name,
+            "image_size": source.image_size,
+            "preprocessing": source.preprocessing,  # a changed crop rewrites the shards
+            **encoder.describe(),
+        }
+        jobs = plan_jobs(
+            [(c, items) for c, (_, items) in enumerate(kept)], samples_per_shard, seed, describe
         )
-    if not kept:
-        raise ValueError(f"no class of {source.name} has at least {min_per_class} images")
+        mine = [job for job in jobs if job.class_id % world_size == rank]
 
-    per_sample = record_bytes(len(kept) - 1, encoder.dtype, encoder.stored_shape)
-    samples_per_shard = max(
-        1, (shard_size - 1024) // per_sample
-    )  # 1024: the tar end-of-archive blocks
-    describe = {
-        "source": source.name,
-        "image_size": source.image_size,
-        "preprocessing": source.preprocessing,  # a changed crop rewrites the shards
-        **encoder.describe(),
-    }
-    jobs = plan_jobs(
-        [(c, items) for c, (_, items) in enumerate(kept)], samples_per_shard, seed, describe
-    )
-    mine = [job for job in jobs if job.class_id % world_size == rank]
+        records = []
+        bar = tqdm(
+            total=sum(len(j.items) for j in mine),
+            unit="img",
+            disable=not progress,
+            desc=f"shards (rank {rank}/{world_size})" if world_size > 1 else "shards",
+        )
+        skipped = 0
+        with _pool(workers) as pool:
+            if isinstance(encoder, PixelEncoder) and pool is not None:
+                # Pixels: whole shards in parallel processes (decode, resize, write, upload).
+                futures = {
+                    pool.submit(_make_shard, job, source, encoder, out, storage_options, retry): job
+                    for job in mine
+                }
+                done = (f.result() for f in as_completed(futures))
+            else:
+                # VAE: one encoder in this process (GPU when present); images decoded by the pool.
+                done = (
+                    _make_shard(job, source, encoder, out, storage_options, retry, pool)
+                    for job in mine
+                )
+            for record, was_skipped in done:
+                records.append(record)
+                skipped += was_skipped
+                bar.update(record["count"])
+                bar.set_postfix(skipped_shards=skipped)
+        bar.close()
 
-    records = []
-    bar = tqdm(
-        total=sum(len(j.items) for j in mine),
-        unit="img",
-        disable=not progress,
-        desc=f"shards (rank {rank}/{world_size})" if world_size > 1 else "shards",
-    )
-    skipped = 0
-    with _pool(workers) as pool:
-        if isinstance(encoder, PixelEncoder) and pool is not None:
-            # Pixels: whole shards in parallel processes (decode, resize, write, upload).
-            futures = {
-                pool.submit(_make_shard, job, source, encoder, out, storage_options, retry): job
-                for job in mine
-            }
-            done = (f.result() for f in as_completed(futures))
-        else:
-            # VAE: one encoder in this process (GPU when present); images decoded by the pool.
-            done = (
-                _make_shard(job, source, encoder, out, storage_options, retry, pool) for job in mine
+        everything = [r for part in gather(records) for r in part]
+        if rank != 0:
+            return None
+        everything.sort(key=lambda r: r["path"])
+        manifest = Manifest(
+            url=join_url(out, MANIFEST_NAME),
+            version=VERSION,
+            class_names=[name for name, _ in kept],
+            counts=[len(items) for _, items in kept],
+            sample_shape=encoder.sample_shape,
+            encoding=encoder.encoding,
+            stored_dtype=encoder.dtype,
+            stored_shape=encoder.stored_shape,
+            scaling_factor=encoder.scaling_factor,
+            shards=[
+                ShardInfo(
+                    join_url(out, r["path"]),
+                    r["path"],
+                    r["class_id"],
+                    r["count"],
+                    r["bytes"],
+                    r["sha256"],
+                )
+                for r in everything
+            ],
+            image_size=source.image_size,
+            source=source.name,
+            dropped_classes=dropped,
+        )
+        if lock.lost:  # another build took the output over: the manifest is its to write
+            raise OutputInUseError(
+                f"lost the lock of {out} to another build; this one stops without writing the "
+                f"manifest"
             )
-        for record, was_skipped in done:
-            records.append(record)
-            skipped += was_skipped
-            bar.update(record["count"])
-            bar.set_postfix(skipped_shards=skipped)
-    bar.close()
+        write_atomic(
+            manifest.url, json.dumps(manifest.to_dict(), indent=1).encode(), storage_options, retry
+        )
+        return manifest
 
-    everything = [r for part in gather(records) for r in part]
-    if rank != 0:
-        return None
-    everything.sort(key=lambda r: r["path"])
-    manifest = Manifest(
-        url=join_url(out, MANIFEST_NAME),
-        version=VERSION,
-        class_names=[name for name, _ in kept],
-        counts=[len(items) for _, items in kept],
-        sample_shape=encoder.sample_shape,
-        encoding=encoder.encoding,
-        stored_dtype=encoder.dtype,
-        stored_shape=encoder.stored_shape,
-        scaling_factor=encoder.scaling_factor,
-        shards=[
-            ShardInfo(
-                join_url(out, r["path"]),
-                r["path"],
-                r["class_id"],
-                r["count"],
-                r["bytes"],
-                r["sha256"],
-            )
-            for r in everything
-        ],
-        image_size=source.image_size,
-        source=source.name,
-        dropped_classes=dropped,
-    )
-    write_atomic(
-        manifest.url, json.dumps(manifest.to_dict(), indent=1).encode(), storage_options, retry
-    )
-    return manifest
+
+@contextlib.contextmanager
+def _owned_output(
+    out: str,
+    storage_options: dict | None,
+    retry: RetryPolicy,
+    rank: int,
+    gather: Callable[[Any], list],
+) -> Iterator:
+    """Rank 0 holds the output's lock for the block (others get None). Every rank learns through
+    ``gather`` whether rank 0 got it, so that a refused build stops on every rank alike."""
+    lock, refusal = None, None
+    if rank == 0:
+        lock = directory_lock(
+            out,
+            uuid.uuid4().hex[:8],
+            storage_options,
+            retry,
+            what="make_shards",
+            purpose="two builds on one output would move each other's temporary files away "
+            "mid-write. Wait for it to end (a re-run then skips its complete shards), stop it, "
+            "or choose another --out",
+        )
+        try:
+            lock.acquire()
+        except RunLockedError as err:
+            lock, refusal = None, str(err)
+    refusals = [r for r in gather(refusal) if r]
+    if refusals:
+        raise OutputInUseError(refusals[0])
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class _NoPool:
