@@ -122,7 +122,7 @@ PRIVATE_NAMES = {
     "set_element", "_get_metadata_path", "load_id", "mappings", "original_state_dict",
     "flatten_state_dict", "_get_layout", "_MEM_FORMAT_ENCODING", "_StorageInfo",
     "_metadata_fn", "silu_backward", "_shutdown_workers", "_MultiProcessingDataLoaderIter",
-    "_use_new_zipfile_serialization",
+    "_use_new_zipfile_serialization", "_record_memory_history", "_dump_snapshot",
 }  # fmt: skip
 # Strings that spell a library's internal names, file layout or wording.
 PRIVATE_STRINGS = (
@@ -285,6 +285,17 @@ def test_dataloader_workers_are_shut_down():
     assert alive == []
     # A single-process iterator has no workers: nothing to do.
     torch_internals.shutdown_workers(iter(torch.utils.data.DataLoader([1, 2])))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_memory_history_is_recorded_and_dumped(tmp_path):
+    torch_internals.start_memory_history(1000)
+    kept = torch.empty(1 << 20, device="cuda")
+    torch_internals.dump_memory_history(tmp_path / "history.pickle")
+    snapshot = pickle.loads((tmp_path / "history.pickle").read_bytes())
+    assert snapshot["segments"] and any(snapshot["device_traces"]), snapshot.keys()
+    del kept
 
 
 # -------------------------------------------------------------------------------- DCP

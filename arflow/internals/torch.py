@@ -8,6 +8,8 @@
   norm's backward (arflow.models.head_norms).
 - `_MultiProcessingDataLoaderIter._shutdown_workers`: stopping a DataLoader's worker processes
   now rather than at garbage collection (arflow.data.loader).
+- `torch.cuda.memory._record_memory_history` / `_dump_snapshot`: the CUDA allocator's history
+  over the `train.profile` window (arflow.utils.profiling); no public form exists yet.
 
 The lower bound is the oldest torch with every public API ARFlow calls: FSDP2's `fully_shard`
 and `MixedPrecisionPolicy` in torch.distributed.fsdp, `nn.utils.get_total_norm` and
@@ -18,6 +20,7 @@ the newest torch the internals here and in arflow.internals.dcp were tested with
 from __future__ import annotations
 
 import io
+import os
 import pickle
 
 import torch
@@ -69,6 +72,19 @@ def shutdown_workers(iterator: object) -> None:
         iterator._shutdown_workers()
 
 
+def start_memory_history(max_entries: int) -> None:
+    """Record every CUDA allocation and free from now on, with its stack trace (the newest
+    `max_entries` events are kept)."""
+    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+
+
+def dump_memory_history(path: str | os.PathLike) -> None:
+    """Write the recorded history (a pickle for https://pytorch.org/memory_viz) to `path` and
+    stop recording."""
+    torch.cuda.memory._dump_snapshot(str(path))
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
 def _load_error(probe: bytes) -> pickle.UnpicklingError | None:
     try:
         torch.load(io.BytesIO(probe), weights_only=True)
@@ -101,6 +117,18 @@ def check(installed: str = torch.__version__) -> None:
         fused = False
     SUPPORTED.require(
         installed, fused, "aten::silu_backward.grad_input(grad_output, self, *, grad_input)"
+    )
+    SUPPORTED.require_parameters(
+        installed,
+        getattr(torch.cuda.memory, "_record_memory_history", None),
+        ["enabled", "context", "stacks", "max_entries"],
+        "torch.cuda.memory._record_memory_history",
+    )
+    SUPPORTED.require_parameters(
+        installed,
+        getattr(torch.cuda.memory, "_dump_snapshot", None),
+        ["filename"],
+        "torch.cuda.memory._dump_snapshot",
     )
     iterator = getattr(dataloader, "_MultiProcessingDataLoaderIter", None)
     SUPPORTED.require_parameters(
