@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import io
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -571,31 +568,18 @@ def test_shared_memory_buffer_is_named_as_deepspeed_names_it():
     """DeepSpeed's CPU all-reduce creates its buffer once per process, so a fresh process
     (one rank, all ranks local) starts the engine; the adapter finds the buffer by name and
     unlinks it."""
+    from test_export import run_python
+
     from arflow.distributed.env import free_port
 
     port = str(free_port())
-    env = dict(
-        os.environ,
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=port,
-    )
+    rank = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", SHM_SCRIPT],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        out = run_python(SHM_SCRIPT, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **rank)
     finally:  # whatever happened, leave no buffer of this port behind
         for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             leftover.unlink(missing_ok=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("SHM ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("SHM ")]
+    assert lines, out[-3000:]
     _, path, before, after = lines[-1].split()
     assert (before, after) == ("True", "False"), path
