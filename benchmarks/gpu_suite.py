@@ -215,6 +215,7 @@ def goals(report: dict) -> dict:
         if name.startswith("xl2-") and isinstance(r, dict) and r.get("mfu") is not None
     ]
     tests = report.get("gpu_tests") or {}
+    stall = ((report.get("checkpoint") or {}).get("local") or {}).get("stall_ratio")
 
     def goal(value, target, below=True):
         met = None if value is None else (value <= target if below else value >= target)
@@ -225,6 +226,7 @@ def goals(report: dict) -> dict:
         "block_ratio_eager_bf16": goal(eager, 1.10),
         "sampling_ratio_step250_over_step1": goal(sampling, 1.05),
         "xl2_best_mfu": goal(max(mfu) if mfu else None, 0.45, below=False),
+        "checkpoint_stall_over_sync_save": goal(stall, 0.20),
         "gpu_tests_without_failures": goal(
             tests.get("failed", 0) + tests.get("error", 0) if "tests" in tests else None, 0
         ),
@@ -244,6 +246,7 @@ def merge(work: Path, out: Path, dry_run: bool, started: float) -> dict:
         "attention": None,
         "train_step": {},
         "fid_sampling": None,
+        "checkpoint": None,
         "goals": None,
         "steps": [],
     }

@@ -21,12 +21,15 @@
 #                 {compile,eager}: images/s, TFLOP/s, MFU, peak memory
 #   fid_sampling  benchmarks/eval.py --preset xl256: XL/2, SDE 250 steps, CFG 1.5, VAE decode
 #                 and Inception features: samples/s and peak GPU memory
+#   checkpoint    benchmarks/checkpoint.py --device cuda, ARFlow-B/2 on local disk: the
+#                 training stall of a background save (pinned staging) against a synchronous one
 #
 # JSON layout: {"suite": {dry_run, started, seconds}, "environment": {...}, "wheels":
 # {installed, already_present, unmet_requirements, ...}, "gpu_tests": {passed, failed, error,
 # skipped, tests: [{test, outcome, seconds, message}]}, "attention": {block, block_compiled,
 # sampling, throughput}, "train_step": {case: {images_per_s, tflops_per_s, mfu, peak_memory_gb,
-# ...}}, "fid_sampling": {runs: [{samples_per_s_per_rank, peak_gpu_mb, ...}]}, "goals": {name:
+# ...}}, "fid_sampling": {runs: [{samples_per_s_per_rank, peak_gpu_mb, ...}]}, "checkpoint":
+# {local: {sync_s, async_stall_s, stall_ratio, ...}}, "goals": {name:
 # {value, target, met}}, "steps": [{name, status (ok|failed|timeout|skipped), rc, seconds,
 # limit_s, error | reason}]}. A section whose step did not succeed holds {status: reason}.
 set -uo pipefail
@@ -128,6 +131,7 @@ if [ "$DRY_RUN" = 1 ]; then
   CASE_CAP=120
   FID_AFTER=tiny-fsdp2-eager
   EVAL_ARGS=(--preset digits --num-samples 8 --batch-size 8 --steps 4 --device cpu)
+  CHECKPOINT_ARGS=(--model ARFlow-S/2 --input-size 8 --in-channels 3 --repeats 2 --device cpu)
 else
   step attention 120 "$PYTHON" benchmarks/attention.py --device cuda --compile --repeats 20 \
     --sampling-batch 16
@@ -137,6 +141,7 @@ else
   CASE_CAP=90
   FID_AFTER=xl2-fsdp2-eager  # FID sampling after the XL/2 training cases, before B/2's
   EVAL_ARGS=(--preset xl256 --num-samples 64 --batch-size 32 --device cuda)
+  CHECKPOINT_ARGS=(--model ARFlow-B/2 --repeats 3 --device cuda)
 fi
 for case in "${CASES[@]}"; do
   step "train_step.$case" "$CASE_CAP" "$PYTHON" benchmarks/train_step.py --cases "$case" \
@@ -145,6 +150,8 @@ for case in "${CASES[@]}"; do
     step fid_sampling 120 "$PYTHON" benchmarks/eval.py "${EVAL_ARGS[@]}"
   fi
 done
+
+step checkpoint 90 "$PYTHON" benchmarks/checkpoint.py --no-s3 "${CHECKPOINT_ARGS[@]}"
 
 MERGE=("$PYTHON" benchmarks/gpu_suite.py merge "$WORK" "$OUT/gpu_suite.json" --started "$STARTED")
 [ "$DRY_RUN" = 1 ] && MERGE+=(--dry-run)

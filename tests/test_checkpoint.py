@@ -571,6 +571,26 @@ def test_checkpoint_dir_is_probed_before_training(tmp_path, moto_s3):
     assert not fs.exists("missing-arflow-bucket")
 
 
+def test_a_failed_background_write_reports_its_own_error(tmp_path, info):
+    """A backend write that fails with something other than a file error (a collective whose
+    peer is gone, as when a node dies in the middle of a save) is reported as that error, through
+    the ranks' error exchange, and nothing is committed."""
+
+    def stage(local_dir, copy):
+        def write(recorder, group) -> None:
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:4242")
+
+        return write
+
+    manager = opened(tmp_path / "ckpt", info)
+    try:
+        with pytest.raises(OSError, match=r"saving step 5 .* failed: RuntimeError: Connection"):
+            save(manager, 5, stage=stage)
+        assert manager.root.complete_steps() == []
+    finally:
+        manager.close()
+
+
 @pytest.mark.slow
 def test_disk_full_during_a_save_names_the_file(tmp_path):
     """RLIMIT_FSIZE makes writes past 200 KB fail as a full disk would (EFBIG, no path of its

@@ -32,6 +32,12 @@ def run_sbatch(tmp_path, **env):
     )
 
 
+def srun_args(lines: list[str]) -> list[str]:
+    """The srun command a dry run prints (torchrun launcher)."""
+    (srun,) = [shlex.split(line.split(": ", 1)[1]) for line in lines if line.startswith("srun: ")]
+    return srun
+
+
 def test_sbatch_syntax_and_shellcheck():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
     result = subprocess.run(
@@ -51,16 +57,44 @@ def test_sbatch_dry_run_prints_each_node_command(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "world size 32" in lines[0] and "rendezvous gpu07:29500" in lines[0]
+    assert not any("elastic" in line for line in lines)
+    srun = srun_args(lines)
+    assert "--kill-on-bad-exit=1" in srun and "--no-kill" not in srun
     node_lines = [l for l in lines if l.startswith("node ")]
     assert [l.split()[1] for l in node_lines] == ["gpu07", "gpu08", "gpu09", "gpu10"]
     for line in node_lines:
         cmd = shlex.split(line.split(": ", 1)[1])
         assert cmd[:3] == ["python", "-m", "torch.distributed.run"]
-        assert "--nnodes=4" in cmd and "--nproc_per_node=8" in cmd
+        assert "--nnodes=4" in cmd and "--nproc_per_node=8" in cmd and "--max_restarts=3" in cmd
         assert "--rdzv_endpoint=gpu07:29500" in cmd and "--rdzv_id=4242" in cmd
         assert cmd[cmd.index("-m", 3) : cmd.index("-m", 3) + 3] == ["-m", "arflow", "train"]
         assert cmd[cmd.index("--resume") + 1] == "auto"
         assert cmd[-2:] == ["--set", "train.steps=10"]
+
+
+def test_sbatch_elastic(tmp_path):
+    """MIN_NODES below the allocation: torchrun takes the node range and srun keeps the other
+    nodes running when one dies (torchrun re-forms the job on them)."""
+    result = run_sbatch(
+        tmp_path,
+        SLURM_JOB_ID="9",
+        SLURM_JOB_NODELIST="a,b,c,d",
+        GPUS_PER_NODE="8",
+        MIN_NODES="2",
+        MAX_RESTARTS="5",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "elastic: goes on with 2 to 4 nodes, up to 5 restarts" in lines[1]
+    srun = srun_args(lines)
+    assert "--no-kill" in srun and not any(a.startswith("--kill-on-bad-exit") for a in srun)
+    for line in (line for line in lines if line.startswith("node ")):
+        cmd = shlex.split(line.split(": ", 1)[1])
+        assert "--nnodes=2:4" in cmd and "--max_restarts=5" in cmd
+        assert "--rdzv_backend=c10d" in cmd and cmd[cmd.index("--resume") + 1] == "auto"
+    # Every torchrun agent gets a fresh store per rendezvous round (stale shared store: a join
+    # or a move of rank 0 would fail every restart).
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in SBATCH.read_text()
 
 
 def test_sbatch_deepspeed_hostfile(tmp_path):
@@ -117,6 +151,13 @@ def test_sbatch_refuses_an_image_it_cannot_use(tmp_path, env, message):
         (
             dict(SLURM_JOB_ID="1", SLURM_JOB_NODELIST="a", LAUNCHER="mpirun"),
             "LAUNCHER must be torchrun or deepspeed",
+        ),
+        (dict(SLURM_JOB_ID="1", SLURM_JOB_NODELIST="a,b", MIN_NODES="3"), "MIN_NODES must be"),
+        (dict(SLURM_JOB_ID="1", SLURM_JOB_NODELIST="a,b", MIN_NODES="0"), "MIN_NODES must be"),
+        (dict(SLURM_JOB_ID="1", SLURM_JOB_NODELIST="a", MAX_RESTARTS="-1"), "MAX_RESTARTS must"),
+        (
+            dict(SLURM_JOB_ID="1", SLURM_JOB_NODELIST="a,b", MIN_NODES="1", LAUNCHER="deepspeed"),
+            "MIN_NODES (elastic training) needs LAUNCHER=torchrun",
         ),
     ],
 )
@@ -198,6 +239,22 @@ def test_pytorchjob_topology_and_schema():
         assert shm["emptyDir"]["medium"] == "Memory"
 
 
+def test_pytorchjob_elastic_policy_matches_torchrun():
+    """--min-nodes: torchrun's node range and the operator's elastic policy say the same; every
+    pod has a rendezvous store of its own per round."""
+    (job,) = render("--variant", "pytorchjob", *COMMON, "--min-nodes", "2", "--max-restarts", "5")
+    policy = job["spec"]["elasticPolicy"]
+    assert (policy["minReplicas"], policy["maxReplicas"], policy["maxRestarts"]) == (2, 4, 5)
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        (c,) = spec["template"]["spec"]["containers"]
+        flags = torchrun_flags(c)
+        assert flags["nnodes"] == "2:4" and flags["max_restarts"] == "5"
+        assert flags["rdzv_backend"] == policy["rdzvBackend"] == "c10d"
+        assert flags["rdzv_endpoint"].endswith(f":{policy['rdzvPort']}")
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
 def test_indexed_job_topology_and_schema():
     service, job = render("--variant", "job", *COMMON, "--pvc", "runs")
     for doc in (service, job):
@@ -248,7 +305,14 @@ def test_render_rejects_bad_parameters():
         (
             "pytorchjob",
             "pytorchjob.yaml",
-            ["--checkpoint-dir", "s3://your-bucket/arflow/xl256", "--s3-secret", "arflow-s3"],
+            [
+                "--min-nodes",
+                "2",
+                "--checkpoint-dir",
+                "s3://your-bucket/arflow/xl256",
+                "--s3-secret",
+                "arflow-s3",
+            ],
         ),
         (
             "job",

@@ -203,7 +203,11 @@ print("rank", info.rank, "got past its wait", flush=True)
 """
 
 
-def test_failing_rank_stops_the_rank_waiting_in_a_collective(tmp_path):
+# After a node joins an elastic job, its ranks carry different TORCHELASTIC_RESTART_COUNTs (each
+# torchrun agent counts its own restarts, a membership change counts none, a new agent starts at
+# 0): the report must still reach every rank.
+@pytest.mark.parametrize("restart_counts", [{}, {0: "1", 1: "0"}], ids=["plain", "elastic"])
+def test_failing_rank_stops_the_rank_waiting_in_a_collective(tmp_path, restart_counts):
     from arflow.distributed.env import free_port
 
     port = str(free_port())
@@ -219,6 +223,8 @@ def test_failing_rank_stops_the_rank_waiting_in_a_collective(tmp_path):
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=port,
             )
+            if restart_counts:
+                rank_env["TORCHELASTIC_RESTART_COUNT"] = restart_counts[rank]
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-c", FAILING_PEER],
@@ -229,9 +235,9 @@ def test_failing_rank_stops_the_rank_waiting_in_a_collective(tmp_path):
                 )
             )
     try:
-        status0 = procs[0].wait(timeout=30)
+        status0 = procs[0].wait(timeout=60)
         seconds0 = time.monotonic() - start
-        status1 = procs[1].wait(timeout=30)
+        status1 = procs[1].wait(timeout=60)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -108,3 +108,26 @@ def test_small_model_learns_in_bf16_with_compile(tmp_path, digits_shards, backen
     assert "Recompiling function" not in stderr, "compiled blocks were recompiled during training"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert all(r.get("skipped_steps", 0) == 0 for r in records)
+
+
+def test_background_checkpoint_copies_are_pinned_complete_and_reused():
+    """A background save's host copy of CUDA state (arflow.distributed.staging): pinned buffers,
+    complete when the stager returns (the training step may change the originals at once) and
+    the same buffers at the next save."""
+    from arflow.distributed.staging import HostStager
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    state = {
+        "w": torch.randn(1024, 1024, device="cuda", generator=gen),
+        "opt": [{"step": 3, "m": torch.randn(4096, device="cuda", generator=gen)}],
+    }
+    expected = {"w": state["w"].cpu(), "m": state["opt"][0]["m"].cpu()}
+    stager = HostStager()
+    copy = stager(state, "state")
+    state["w"].mul_(2)  # queued at once after the copies: an unfinished copy would see it
+    state["opt"][0]["m"].zero_()
+    assert copy["w"].is_pinned() and copy["opt"][0]["m"].is_pinned()
+    assert torch.equal(copy["w"], expected["w"]) and torch.equal(copy["opt"][0]["m"], expected["m"])
+    again = stager(state, "state")
+    assert again["w"].data_ptr() == copy["w"].data_ptr()
+    assert torch.equal(again["w"], state["w"].cpu()) and not again["opt"][0]["m"].any()

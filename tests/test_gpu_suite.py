@@ -22,6 +22,7 @@ SECTIONS = {
     "attention",
     "train_step",
     "fid_sampling",
+    "checkpoint",
     "goals",
     "steps",
 }
@@ -58,6 +59,7 @@ def test_dry_run_runs_every_step_and_fills_every_section(tmp_path):
         "train_step.tiny-zero2-compile",
         "train_step.tiny-fsdp2-eager",
         "fid_sampling",
+        "checkpoint",
     ]
     failed = {n: s for n, s in steps.items() if s["status"] != "ok"}
     if (ROOT / ".wheels").is_dir():  # made by benchmarks/build_gpu_wheels.sh (not in CI)
@@ -86,7 +88,10 @@ def test_dry_run_runs_every_step_and_fills_every_section(tmp_path):
         assert result["images_per_s"] > 0 and result["flops_per_image"] > 0, (case, result)
         assert result["compile"] is compile, (case, result)
     assert report["fid_sampling"]["runs"][0]["samples_per_s_per_rank"] > 0
+    local = report["checkpoint"]["local"]
+    assert local["sync_s"] > 0 and local["async_stall_s"] > 0 and local["stall_ratio"] > 0
     goals = report["goals"]
+    assert goals["checkpoint_stall_over_sync_save"]["value"] == local["stall_ratio"]
     assert goals["sampling_ratio_step250_over_step1"]["value"] > 0
     assert goals["gpu_tests_without_failures"]["met"] is True
 

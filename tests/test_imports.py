@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "arflow"
 # Lowest first. A module may import modules of its own layer or a lower one. Names are module
 # paths below `arflow`; the longest matching prefix decides a module's layer.
 LAYERS = [
-    {"config", "utils", "storage"},  # the schema; helpers and storage that know no model
+    {"config", "utils", "storage", "internals"},  # the schema; helpers, storage and adapters
     {"models"},
     {"flow"},
     {"data", "eval", "distributed", "checkpoint"},

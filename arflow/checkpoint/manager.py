@@ -330,7 +330,8 @@ class CheckpointManager:
                 recorder.add_unrecorded(list_files(local_dir))
                 self.store.upload(local_dir, sorted(recorder.records), name)
             records = recorder.records
-        except Exception:  # reported on every rank below, not left hanging here
+        except Exception as failure:  # reported on every rank below, not left hanging here
+            err = failure
             try:  # the file and errno of a write that a library reported as something else
                 recorder.raise_write_error()
             except OSError as named:

@@ -87,6 +87,7 @@ from arflow.data.manifest import Manifest, manifest_url, parse_manifest, read_ma
 from arflow.data.plan import Layout, PlanConfig, Planner, PlanView, Position
 from arflow.data.sequences import ReadOptions, SequenceStream, Slots
 from arflow.data.shards import check_shards
+from arflow.internals.torch import shutdown_workers
 from arflow.storage import RetryPolicy
 from arflow.utils.signals import data_worker_signals
 
@@ -292,8 +293,8 @@ class SequenceLoader:
         """Stop the live iterator's worker processes now, not when it is garbage-collected (on an
         error path a traceback can keep it alive for as long as the process lives)."""
         live, self._live = self._live, None
-        if live is not None and hasattr(live, "_shutdown_workers"):  # multiprocessing iterator
-            live._shutdown_workers()
+        if live is not None:
+            shutdown_workers(live)
 
     def __iter__(self) -> Iterator[tuple]:
         self.close()  # one live iterator at a time

@@ -2,7 +2,8 @@
 files written through the checkpoint's recorder (size and SHA-256 on the way out), and read
 without executing code: DCP itself unpickles `.metadata` with plain `pickle` and its non-tensor
 items (optimizer hyper-parameters) with `weights_only=False`; here the metadata goes through
-an allowlist of DCP's own classes and the items through `weights_only=True`.
+an allowlist of DCP's own classes and the items through `weights_only=True`. What this needs
+of DCP's internals lives in arflow.internals.dcp.
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ import pickle
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.filesystem import FileSystem
 
+from arflow.internals.dcp import (
+    is_metadata_global,
+    metadata_path,
+    read_bytes,
+    replace_filesystem,
+    stamp_load_id,
+)
+from arflow.internals.torch import weights_only_damage, weights_only_refusal
 from arflow.storage import FileRecorder
 from arflow.utils.safe_load import CorruptFileError, UnsafeCheckpointError
 
@@ -43,30 +51,7 @@ class RecordingFileSystem(FileSystem):
 class RecordingWriter(FileSystemWriter):
     def __init__(self, path: str, recorder: FileRecorder):
         super().__init__(path)
-        self.fs = RecordingFileSystem(recorder)
-
-
-_DCP_METADATA = "torch.distributed.checkpoint.metadata"
-_ALLOWED = {
-    (_DCP_METADATA, name)
-    for name in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "TensorProperties",
-        "ChunkStorageMetadata",
-        "BytesStorageMetadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-}
+        replace_filesystem(self, RecordingFileSystem(recorder))
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -75,9 +60,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        ):
+        if is_metadata_global(module, name):
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
             f"refusing {self.path}: its pickle asks for {module}.{name}, which is not a DCP "
@@ -89,35 +72,36 @@ class SafeFileSystemReader(FileSystemReader):
     """DCP's reader with `.metadata` unpickled through an allowlist."""
 
     def read_metadata(self, *args, **kwargs):
-        rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
+        path = metadata_path(self, kwargs.get("rank"))
         try:
-            with self.fs.create_stream(path, "rb") as f:
-                metadata = _MetadataUnpickler(io.BytesIO(f.read()), str(path)).load()
+            metadata = _MetadataUnpickler(io.BytesIO(read_bytes(self, path)), path).load()
         except UnsafeCheckpointError:
             raise
         except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as err:
             raise CorruptFileError(f"{path} is corrupt or unreadable: {err}") from None
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        return stamp_load_id(self, metadata)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's planner reading non-tensor items (optimizer hyper-parameters) weights-only."""
+    """DCP's planner reading non-tensor items (optimizer hyper-parameters) weights-only. DCP
+    unpickles an item without restriction, so it is handed the item as read weights-only and
+    written again: plain values only."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        item = read_item.dest_index.fqn
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as err:
+            refusal = weights_only_refusal(err)
+            if refusal is None:
+                raise CorruptFileError(
+                    f"item {item} of a DCP checkpoint is corrupt: {weights_only_damage(err)}"
+                ) from None
             raise UnsafeCheckpointError(
-                f"refusing item {read_item.dest_index.fqn} of a DCP checkpoint: "
-                f"{str(err).splitlines()[0]}"
+                f"refusing item {item} of a DCP checkpoint: it needs arbitrary code to "
+                f"unpickle ({refusal}), which is never executed here"
             ) from None
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
+        plain = io.BytesIO()
+        torch.save(obj, plain)
+        plain.seek(0)
+        super().load_bytes(read_item, plain)

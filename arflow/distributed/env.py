@@ -79,8 +79,8 @@ def shutdown() -> None:
     group's subgroups (kept, they break a later group in the same process, e.g. a second run)."""
     if dist.is_initialized():
         dist.barrier()
-        deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
-        if deepspeed_comm is not None and deepspeed_comm.cdb is not None:
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
             deepspeed_comm.destroy_process_group()
         else:
             dist.destroy_process_group()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -34,11 +35,11 @@ class FailureWatch:
     normal end (before the final barrier: rank 0 may host the store and leave right after it)."""
 
     def __init__(self, info: DistInfo):
+        """Collective (every rank of the new process group): the ranks agree on the key
+        prefix."""
         self.rank = info.rank
         self.world_size = info.world_size
-        # Elastic restarts reuse the agent's store: keys of an earlier attempt must not count.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self._prefix = f"arflow/failure/{attempt}"
+        self._prefix = f"arflow/failure/{_group_id()}"
         self._address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         # Two connections: the watching thread's blocking wait would hold up the other's writes.
         self._waiter, self._writer = (self._connect() for _ in range(2))
@@ -111,6 +112,19 @@ class FailureWatch:
     def _teardown_expired(self) -> None:
         _say(f"arflow: rank {self.rank}: still running {TEARDOWN_S:.0f} s after the error; exiting")
         os._exit(1)
+
+
+def _group_id() -> str:
+    """An id that every rank of this process group shares and no earlier group had.
+
+    Elastic restarts can reuse the store (torchrun's agent hosts it for every round), where the
+    keys of an earlier round stay. TORCHELASTIC_RESTART_COUNT cannot tell rounds apart: each
+    agent counts its own restarts, a membership change counts none and an agent that joined
+    later starts at 0, so ranks of one round can hold different counts, and a rank's count can
+    equal that of an earlier round whose failure keys are still set."""
+    ids = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(ids, src=0)
+    return ids[0]
 
 
 def _summary(error: BaseException) -> str:

@@ -17,11 +17,12 @@ directory is shared, next to it; deleted after loading) and loaded with `load_un
 Data order and random streams cannot be split the same way across another number of
 processes, so losses after such a resume differ from an uninterrupted run's; a stage change
 on the same processes continues exactly.
+
+What this needs of DeepSpeed's internals lives in arflow.internals.deepspeed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -31,13 +32,6 @@ from collections.abc import Callable
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import (
-    DS_VERSION,
-    OPTIMIZER_STATE_DICT,
-    UNIVERSAL_CHECKPOINT_INFO,
-    UNIVERSAL_CHECKPOINT_VERSION_KEY,
-    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-)
 from torch import nn
 from torch.nn.utils import clip_grad_value_
 
@@ -51,7 +45,8 @@ from arflow.distributed.backend import (
     step_decision,
 )
 from arflow.distributed.env import DistInfo
-from arflow.utils.safe_load import check_torch_file, deepspeed_classes, load_torch_file
+from arflow.internals import deepspeed as ds
+from arflow.utils.safe_load import check_torch_file
 
 TAG = "zero"
 UNIVERSAL_TAG = "zero_universal"
@@ -95,7 +90,8 @@ def deepspeed_config(cfg: Config, world_size: int, dtype: torch.dtype, universal
         "gradient_accumulation_steps": cfg.grad_accumulation(world_size),
         # DeepSpeed clips by norm only; value clipping happens in ZeroAdamW.
         "gradient_clipping": t.grad_clip if t.grad_clip_mode == "norm" else 0.0,
-        "bf16": {"enabled": dtype == torch.bfloat16, **_no_overflow_check()},
+        # DeepSpeed's own non-finite check off: the backend's step decision covers it.
+        "bf16": {"enabled": dtype == torch.bfloat16, **ds.BF16_NO_OVERFLOW_CHECK},
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             "contiguous_gradients": True,
@@ -107,41 +103,6 @@ def deepspeed_config(cfg: Config, world_size: int, dtype: torch.dtype, universal
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-
-
-def _no_overflow_check() -> dict:
-    """DeepSpeed's own bf16 non-finite gradient check off: it reads two values on the host per
-    step, and the backend's decision covers the gradient anyway (through the global norm, in
-    the step's one exchange). Older DeepSpeed versions have neither the check nor the key."""
-    try:
-        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
-    except ImportError:
-        return {}
-    return (
-        {"check_grad_overflow": False}
-        if "check_grad_overflow" in DeepSpeedBF16Config.model_fields
-        else {}
-    )
-
-
-def release_shared_memory_name(rank: int) -> None:
-    """DeepSpeed's CPU communication backend maps one ~70 MB shared-memory buffer per rank (for
-    an all-reduce the trainer never calls) when all ranks share a machine, and never unlinks its
-    name: every run would leave world_size buffers in /dev/shm until the machine's memory runs
-    out. Each rank has mapped every peer's buffer by the time `deepspeed.initialize` returns, so
-    after a barrier each rank drops the name of its own (the mappings stay valid)."""
-    dist.barrier()
-    name = "_".join(
-        (
-            "deepspeed_allreduce_buffer",
-            str(os.getuid()),
-            os.environ.get("MASTER_ADDR", ""),
-            os.environ.get("MASTER_PORT", ""),
-            str(rank),
-        )
-    )
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join("/dev/shm", name))
 
 
 class DeepSpeedBackend(Backend):
@@ -169,15 +130,11 @@ class DeepSpeedBackend(Backend):
             model=module.to(info.device), optimizer=self.optimizer, config=self.ds_config
         )
         self.module = self.model.module
+        ds.check_engine(self.model, self.stage)
         if info.device.type == "cpu":
-            release_shared_memory_name(info.rank)
-        # What DeepSpeed's universal-checkpoint converter requires in a ZeRO-1/2 checkpoint
-        # (it refuses one without it): recorded in every save, so any checkpoint reshards.
-        setattr(
-            self.module,
-            UNIVERSAL_CHECKPOINT_INFO,
-            {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
-        )
+            ds.release_shared_memory_name(info.rank)
+        # Recorded in every save, so any checkpoint reshards.
+        ds.record_universal_checkpoint_info(self.module)
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
     def _cast_inputs(self, module, args):
@@ -207,10 +164,9 @@ class DeepSpeedBackend(Backend):
 
     def _decide(self, loss: torch.Tensor, stop, decision: dict) -> bool:
         """The step's decision, called by ZeroAdamW inside DeepSpeed's step: gradients reduced,
-        global norm known, no update applied yet. `_global_grad_norm` is the ZeRO optimizer's
-        norm of this step (the engine's public copy is refreshed only after the step); a
-        non-finite gradient makes it non-finite."""
-        norm = self.model.optimizer._global_grad_norm
+        global norm known, no update applied yet; a non-finite gradient makes the norm
+        non-finite."""
+        norm = ds.global_grad_norm(self.model.optimizer)
         finite = torch.isfinite(loss)
         if torch.is_tensor(norm):
             finite &= torch.isfinite(norm)
@@ -232,23 +188,23 @@ class DeepSpeedBackend(Backend):
         for name, p in self.trainable.items():
             if self.stage == 3:
                 out[name] = deepspeed.utils.safe_get_local_fp32_param(p)
-            elif p._hp_mapping is not None:
-                # The public safe_get_* helpers gather the full tensor (an all-reduce per
-                # parameter); the fragment view is the same data without communication.
-                out[name] = p._hp_mapping.get_hp_fragment()
+                continue
+            # The public safe_get_* helpers gather the full tensor (an all-reduce per
+            # parameter); the fragment view is the same data without communication.
+            fragment = ds.fragment(p)
+            if fragment is None:  # no fragment on this rank
+                out[name] = torch.empty(0, device=self.info.device)
             else:
-                out[name] = torch.empty(0, device=self.info.device)  # no fragment on this rank
+                out[name] = fragment.master
         return out
 
     def _fragment(self, p: nn.Parameter) -> tuple[int, int]:
         """(start, numel) of this rank's master fragment inside the flattened parameter."""
         if self.stage == 3:
-            part = p.ds_tensor.numel()
+            part = ds.partition(p).local
             return self.info.rank * part, part
-        if p._hp_mapping is None:
-            return 0, 0
-        address = p._hp_mapping.lp_fragment_address
-        return address.start, address.numel
+        fragment = ds.fragment(p)
+        return (0, 0) if fragment is None else (fragment.start, fragment.numel)
 
     @torch.no_grad()
     def gather_full(self, tensors):
@@ -260,7 +216,8 @@ class DeepSpeedBackend(Backend):
                     local.numel() * self.info.world_size, dtype=local.dtype, device=local.device
                 )
                 dist.all_gather_into_tensor(buf, local.detach().clone())
-                full[name] = buf[: p.ds_numel].view(p.ds_shape)
+                part = ds.partition(p)
+                full[name] = buf[: part.numel].view(part.shape)
             else:
                 start, numel = self._fragment(p)
                 buf = torch.zeros(p.numel(), dtype=torch.float32, device=self.info.device)
@@ -284,22 +241,26 @@ class DeepSpeedBackend(Backend):
 
     # ------------------------------------------------------------------------ checkpoints
     def stage_state(self, path, stage):
-        # DeepSpeed hands every file it saves to its checkpoint engine: ours keeps the state
-        # dicts (copied by `stage` into host memory) and the writer writes them later, hashing
-        # on the way out. DeepSpeed's own direct writes (its recovery script) land in `path` now.
-        engine = self.model.checkpoint_engine
-        staging = _StagingEngine(engine, path, stage)
-        self.model.checkpoint_engine = staging
-        try:
+        # DeepSpeed hands every file it saves to its checkpoint engine: here each is kept (its
+        # state dict copied by `stage` into host memory, keyed by the file's path inside the
+        # checkpoint, so host buffers are reused from save to save) and the writer writes them
+        # later, hashing on the way out. DeepSpeed's own direct writes (its recovery script)
+        # land in `path` now.
+        files: list[tuple[dict, str]] = []
+
+        def keep(state_dict: dict, file: str) -> None:
+            if stage is not None:
+                state_dict = stage(state_dict, os.path.relpath(file, path))
+            files.append((state_dict, file))
+
+        with ds.saves_intercepted(self.model, keep):
             self.model.save_checkpoint(path, tag=TAG, save_latest=False)
-        finally:
-            self.model.checkpoint_engine = engine
         config = json.dumps(self.ds_config, indent=2).encode() if self.info.is_main else None
 
         def write(recorder, group):
-            for state_dict, file in staging.files:
+            for state_dict, file in files:
                 with recorder.open(file) as f:
-                    torch.save(state_dict, f, _use_new_zipfile_serialization=staging.zipfile)
+                    torch.save(state_dict, f)
             if config is not None:
                 with recorder.open("deepspeed_config.json") as f:
                     f.write(config)
@@ -316,7 +277,7 @@ class DeepSpeedBackend(Backend):
         converter = reshard and (self.info.is_main or not shared)
         if converter:
             _to_universal(os.path.join(path, TAG), universal)
-            _match_stage(universal, self.stage)
+            ds.match_universal_stage(universal, self.stage)
         if reshard:
             dist.barrier()
             tag = UNIVERSAL_TAG
@@ -343,84 +304,12 @@ class DeepSpeedBackend(Backend):
                         os.remove(latest)
 
 
-class _StagingEngine:
-    """DeepSpeed's checkpoint engine with `save` keeping (state dict, path) for a later write,
-    the state dict copied by `stage` (keyed by the file's path inside the checkpoint, so its
-    host buffers are reused from save to save); everything else is the wrapped engine's."""
-
-    def __init__(self, inner, root: str, stage):
-        self._inner = inner
-        self._root = root
-        self._stage = stage
-        self.files: list[tuple[dict, str]] = []
-        self.zipfile = getattr(inner, "zipfile_serialization", True)
-
-    def save(self, state_dict, path: str) -> None:
-        if self._stage is not None:
-            state_dict = self._stage(state_dict, os.path.relpath(path, self._root))
-        self.files.append((state_dict, path))
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
 def _to_universal(src: str, dst: str) -> None:
     """DeepSpeed's universal checkpoint (one folder per parameter, any world size or stage)
     from a ZeRO checkpoint; written fresh under a temporary name, so no half-converted or stale
     folder is ever loaded."""
-    from argparse import Namespace
-
-    from deepspeed.checkpoint.ds_to_universal import main
-
     tmp = dst + ".tmp"
     for leftover in (tmp, dst):
         shutil.rmtree(leftover, ignore_errors=True)
-    main(
-        Namespace(
-            input_folder=src,
-            output_folder=tmp,
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=False,
-        )
-    )
+    ds.convert_to_universal(src, tmp)
     os.replace(tmp, dst)
-
-
-def _match_stage(folder: str, stage: int) -> None:
-    """Make a universal checkpoint converted from one ZeRO family (1/2 or 3) loadable by the
-    other. DeepSpeed writes it in the source's layout and reads only the target's: the
-    model-states file name, where the Adam step lives (a `step.pt` per parameter for ZeRO-1/2,
-    the global optimizer state for ZeRO-3), the version tag ZeRO-1/2 requires and the wrapping
-    of each tensor file differ. The tensors themselves (fp32, exp_avg, exp_avg_sq per
-    parameter, full size) are the same."""
-    zero = os.path.join(folder, "zero")
-    state_path = os.path.join(zero, "optimizer_state.pt")
-    state = load_torch_file(state_path, deepspeed_classes())
-    from_stage3 = OPTIMIZER_STATE_DICT in state
-    if (stage == 3) == from_stage3:
-        return
-    params = [d.path for d in os.scandir(zero) if os.path.isfile(os.path.join(d, "fp32.pt"))]
-    stage12_states = "mp_rank_00_model_states.pt"
-    stage3_states = "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    if stage == 3:
-        step = load_torch_file(os.path.join(params[0], "step.pt"))
-        state[OPTIMIZER_STATE_DICT] = {
-            "state": {0: {"step": step}},
-            "param_groups": state["param_groups"],
-        }
-        shutil.copyfile(os.path.join(folder, stage12_states), os.path.join(folder, stage3_states))
-    else:
-        step = state[OPTIMIZER_STATE_DICT]["state"][0]["step"]
-        for param in params:
-            torch.save(step, os.path.join(param, "step.pt"))
-            for key in ("fp32", "exp_avg", "exp_avg_sq"):  # ZeRO-3 stores bare tensors
-                path = os.path.join(param, f"{key}.pt")
-                tensor = load_torch_file(path)
-                if torch.is_tensor(tensor):
-                    torch.save({"param": tensor}, path)
-        state.setdefault(DS_VERSION, deepspeed.__version__)
-        shutil.copyfile(os.path.join(folder, stage3_states), os.path.join(folder, stage12_states))
-    torch.save(state, state_path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..internals.torch import silu_backward_
 from .layers import rms_norm
 
 EPS = 1e-6
@@ -106,7 +107,7 @@ class _GatedHeadNorm(torch.autograd.Function):
         g_heads = gz.view(heads).transpose(2, 3)
         d_gate = torch.empty_like(gate)
         torch.mul(g_heads, normed, out=d_gate.view(heads).transpose(2, 3))
-        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        silu_backward_(d_gate, gate)
         # Head-major, as the attention kernels' backward wants its output gradient.
         d_mixed = torch.empty_like(normed, memory_format=torch.contiguous_format)
         torch.mul(g_heads, silu.view(heads).transpose(2, 3), out=d_mixed)

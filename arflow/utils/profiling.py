@@ -19,21 +19,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
 from arflow.config import ProfileConfig
+from arflow.internals.torch import dump_memory_history, start_memory_history
 
 MEMORY_HISTORY_ENTRIES = 100_000  # allocation events kept (the newest)
-
-
-# The project's only uses of torch.cuda.memory's allocation recording, which is private API
-# (it has no public form yet): these two functions.
-def start_memory_history() -> None:
-    """Record every CUDA allocation and free from now on, with its stack trace."""
-    torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
-
-
-def dump_memory_history(path: Path) -> None:
-    """Write the recorded history (a pickle) to `path` and stop recording."""
-    torch.cuda.memory._dump_snapshot(str(path))
-    torch.cuda.memory._record_memory_history(enabled=None)
 
 
 class ProfileWindow:
@@ -55,7 +43,7 @@ class ProfileWindow:
             elif step == self.first:
                 self._start(warmup=0)  # the run starts (or resumes) at the window
         if self.cuda and step == self.first and self.profiler is not None:
-            start_memory_history()
+            start_memory_history(MEMORY_HISTORY_ENTRIES)
 
     def _start(self, warmup: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import zipfile
 
 import torch
 
+from arflow.internals.torch import weights_only_damage, weights_only_refusal
+
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file needs code outside the allowlist to unpickle: refused, not run."""
@@ -25,31 +27,6 @@ class UnsafeCheckpointError(RuntimeError):
 
 class CorruptFileError(RuntimeError):
     """A checkpoint file cannot be read (truncated, overwritten, not the expected format)."""
-
-
-def deepspeed_classes() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-# How torch's weights-only unpickler words a refusal of code (as opposed to a damaged file,
-# which it reports as an unsupported operand, a short string or a zip error).
-_REFUSALS = ("GLOBAL ", "Trying to call reduce", "Can only create new object", "Can only build")
-
-
-def is_unsafe_global_error(err: BaseException) -> bool:
-    """torch's weights-only unpickler refused something that would run code."""
-    return isinstance(err, pickle.UnpicklingError) and any(r in str(err) for r in _REFUSALS)
-
-
-def _refusal(err: BaseException) -> str:
-    for line in str(err).splitlines():
-        if any(r in line for r in _REFUSALS):
-            return line.split(". Please use", 1)[0].strip()
-    return "a global"
 
 
 def load_torch_file(path: str, allowed: list | tuple = (), mmap: bool = False):
@@ -60,14 +37,15 @@ def load_torch_file(path: str, allowed: list | tuple = (), mmap: bool = False):
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if is_unsafe_global_error(err):
+        refusal = weights_only_refusal(err)
+        if refusal is not None:
             raise UnsafeCheckpointError(
-                f"refusing {path}: it needs arbitrary code to unpickle ({_refusal(err)}),"
+                f"refusing {path}: it needs arbitrary code to unpickle ({refusal}),"
                 f" which is never executed here; only tensors and plain types are allowed"
             ) from None
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = next((line for line in lines if "Unsupported operand" in line), lines[-1])
-        raise CorruptFileError(f"{path} is corrupt (not a readable torch file: {detail})") from None
+        raise CorruptFileError(
+            f"{path} is corrupt (not a readable torch file: {weights_only_damage(err)})"
+        ) from None
     except (RuntimeError, ValueError, EOFError, zipfile.BadZipFile, OSError) as err:
         detail = str(err).split(". ", 1)[0]
         raise CorruptFileError(f"{path} is corrupt or unreadable: {detail}") from None
@@ -76,4 +54,6 @@ def load_torch_file(path: str, allowed: list | tuple = (), mmap: bool = False):
 def check_torch_file(path: str) -> None:
     """Refuse a DeepSpeed file that needs anything but tensors, plain types and DeepSpeed's own
     three plain classes to unpickle (DeepSpeed then loads it with weights_only=False)."""
-    load_torch_file(path, deepspeed_classes(), mmap=True)
+    from arflow.internals.deepspeed import PICKLE_CLASSES  # imports DeepSpeed: only when used
+
+    load_torch_file(path, PICKLE_CLASSES, mmap=True)

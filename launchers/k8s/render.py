@@ -15,6 +15,17 @@ as a memory volume (DataLoader workers), S3 credentials from a Secret, checkpoin
 in S3, and a termination grace period long enough for the trainer to save after SIGTERM
 (torchrun forwards the signal and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds).
 
+Elastic (--min-nodes below --nodes): torchrun runs with --nnodes=MIN:NODES and the PyTorchJob's
+elasticPolicy says the same. A pod that dies does not end the job: torchrun restarts the workers
+of the pods left at the smaller world size, from the newest committed checkpoint (resharded), and
+the pod the operator (or the Job controller) starts in its place joins at the next round, which
+restarts the workers at full size. Lost: the steps since the last committed checkpoint (at most
+checkpoint.every; a save being written when the pod died is removed); a join costs a restart but
+no steps (the workers save before they stop, within torchrun's 30 s). The rendezvous host (the
+master, or pod 0) must survive: its loss restarts the whole job from the checkpoints. Every pod
+sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with torchrun's store shared across rounds, a pod
+joining a running job, or rank 0 moving to another pod, fails every restart.
+
 Example:
   python launchers/k8s/render.py --name xl256 --nodes 4 --gpus-per-node 8 \\
       --image registry.example.com/arflow:latest --config xl_256 \\
@@ -58,8 +69,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--gpus-per-node", type=int, required=True, help="GPUs per pod = processes per pod"
     )
-    p.add_argument("--min-nodes", type=int, help="elastic minimum (pytorchjob; default: --nodes)")
-    p.add_argument("--max-restarts", type=int, default=3, help="torchrun / Job restarts on failure")
+    p.add_argument(
+        "--min-nodes",
+        type=int,
+        help="elastic minimum: the job goes on with at least this many pods (default: --nodes)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="torchrun / Job restarts after failures (membership changes do not count)",
+    )
     p.add_argument(
         "--config",
         default="xl_256",
@@ -151,6 +171,8 @@ def container(args) -> dict:
         },
         # torchrun waits this long for the trainers to save before it kills them.
         {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(args.grace_period - 10)},
+        # A store of its own for each rendezvous round (see the module docstring).
+        {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
     ]
     if args.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": args.s3_endpoint})
