@@ -25,10 +25,12 @@ $(DEMO_STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[train]'
 	touch $(DEMO_STAMP)
 
-# Lint and format check first (ruff, configured in pyproject.toml), then the suite.
+# Lint and format check first (ruff, configured in pyproject.toml; hadolint on the Dockerfile),
+# then the suite.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 	$(PY) -m pytest -q tests
 
 # The main job on the embedded default (`arflow demo --help`): scikit-learn's digits as shards,

@@ -1,6 +1,7 @@
 """SLURM and Kubernetes templates: syntax, lint, schema validation, rendered topology."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -66,6 +67,7 @@ def test_sbatch_dry_run_prints_each_node_command(tmp_path):
         assert cmd[:3] == ["python", "-m", "torch.distributed.run"]
         assert "--nnodes=4" in cmd and "--nproc_per_node=8" in cmd and "--max_restarts=3" in cmd
         assert "--rdzv_endpoint=gpu07:29500" in cmd and "--rdzv_id=4242" in cmd
+        assert cmd[cmd.index("-m", 3) : cmd.index("-m", 3) + 3] == ["-m", "arflow", "train"]
         assert cmd[cmd.index("--resume") + 1] == "auto"
         assert cmd[-2:] == ["--set", "train.steps=10"]
 
@@ -102,11 +104,44 @@ def test_sbatch_deepspeed_hostfile(tmp_path):
         SLURM_JOB_NODELIST="a,b",
         LAUNCHER="deepspeed",
         GPUS_PER_NODE="4",
+        CONTAINER_IMAGE="none",
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "hostfile-7").read_text() == "a slots=4\nb slots=4\n"
     cmd = shlex.split(result.stdout.splitlines()[-1].split(": ", 1)[1])
     assert cmd[0] == "deepspeed" and cmd[cmd.index("--master_addr") + 1] == "a"
+    assert cmd[cmd.index("--module") : cmd.index("--module") + 3] == ["--module", "arflow", "train"]
+
+
+def srun_line(result) -> list[str]:
+    (line,) = [l for l in result.stdout.splitlines() if l.startswith("srun: ")]
+    return shlex.split(line.split(": ", 1)[1])
+
+
+def test_sbatch_runs_in_the_image_by_default(tmp_path):
+    """The tasks run in the Dockerfile's image (placeholder name until set), from the submit
+    directory, which is mounted; CONTAINER_IMAGE names the pushed image, or none for no container."""
+    job = dict(SLURM_JOB_ID="5", SLURM_JOB_NODELIST="n1,n2")
+    default = srun_line(run_sbatch(tmp_path, **job))
+    assert "--container-image=registry.example.com#arflow:latest" in default
+    assert f"--container-workdir={tmp_path}" in default
+    assert f"--container-mounts={tmp_path}:{tmp_path}" in default
+    pushed = srun_line(run_sbatch(tmp_path, CONTAINER_IMAGE="reg.local#ml/arflow:1.0", **job))
+    assert "--container-image=reg.local#ml/arflow:1.0" in pushed
+    bare = srun_line(run_sbatch(tmp_path, CONTAINER_IMAGE="none", **job))
+    assert not any(arg.startswith("--container") for arg in bare)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (dict(ARFLOW_DRY_RUN="0"), "CONTAINER_IMAGE is the placeholder"),
+        (dict(LAUNCHER="deepspeed"), "LAUNCHER=deepspeed starts its workers"),
+    ],
+)
+def test_sbatch_refuses_an_image_it_cannot_use(tmp_path, env, message):
+    result = run_sbatch(tmp_path, SLURM_JOB_ID="6", SLURM_JOB_NODELIST="n1", **env)
+    assert result.returncode == 2 and message in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -131,17 +166,24 @@ def test_sbatch_bad_environment(tmp_path, env, message):
     assert result.returncode != 0 and message in result.stderr
 
 
-def render(*args) -> list[dict]:
-    out = subprocess.run(
-        [sys.executable, str(RENDER), *args], check=True, capture_output=True, text=True
+def render_process(*args, env=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "ARFLOW_IMAGE"} | (env or {})
+    return subprocess.run(
+        [sys.executable, str(RENDER), *args], check=True, capture_output=True, text=True, env=env
     )
-    return list(yaml.safe_load_all(out.stdout))
+
+
+def render(*args) -> list[dict]:
+    return list(yaml.safe_load_all(render_process(*args).stdout))
 
 
 def torchrun_flags(container: dict) -> dict:
+    """The torchrun flags of the pod's command, which runs the installed `arflow train`."""
     cmd = container["command"]
     assert cmd[0] == "torchrun"
-    return dict(arg[2:].split("=", 1) for arg in cmd[1 : cmd.index("launchers/train.py")])
+    entry = cmd.index("-m")
+    assert cmd[entry : entry + 3] == ["-m", "arflow", "train"]
+    return dict(arg[2:].split("=", 1) for arg in cmd[1:entry])
 
 
 def validate_pod_template(template: dict) -> None:
@@ -297,7 +339,35 @@ def test_checked_in_examples_match_the_renderer(variant, path, extra):
         "--gpus-per-node",
         "8",
         "--image",
-        "ghcr.io/your-org/arflow:latest",
+        "registry.example.com/arflow:latest",
         *extra,
     )
     assert list(yaml.safe_load_all((ROOT / "launchers/k8s" / path).read_text())) == rendered
+
+
+def dockerfile_uid() -> int:
+    (uid,) = re.findall(r"^ARG ARFLOW_UID=(\d+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    return int(uid)
+
+
+def test_render_defaults_to_the_dockerfile_image():
+    """Without --image the pods name the placeholder and the renderer says so; ARFLOW_IMAGE sets
+    it. Pods run as the image's non-root user, which also owns the mounted volumes."""
+    args = ("--name", "xl", "--nodes", "2", "--gpus-per-node", "8", "--pvc", "runs")
+    placeholder = render_process(*args)
+    (job,) = yaml.safe_load_all(placeholder.stdout)
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "registry.example.com/arflow:latest"
+    assert "placeholder" in placeholder.stderr and "--image" in placeholder.stderr
+    uid = dockerfile_uid()
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+    }
+    validate_pod_template({"spec": pod})
+    pushed = render_process(*args, env={"ARFLOW_IMAGE": "reg.local/ml/arflow:1.0"})
+    (job,) = yaml.safe_load_all(pushed.stdout)
+    (worker,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    assert worker["image"] == "reg.local/ml/arflow:1.0" and pushed.stderr == ""

@@ -7,7 +7,10 @@ Two variants:
   job         for clusters without the operator: an Indexed Job plus a headless Service; pod 0
               is the rendezvous host
 
-Every pod runs `torchrun ... launchers/train.py --config CONFIG --resume auto`, with /dev/shm
+Every pod runs the image that the repository's Dockerfile builds (`--image`, default
+$ARFLOW_IMAGE, else the placeholder registry.example.com/arflow:latest: push the image to your
+registry and name it) as `torchrun ... -m arflow train --config CONFIG --resume auto`, as the
+image's non-root user (uid 10001, `--uid`; fsGroup makes the PVC writable to it), with /dev/shm
 as a memory volume (DataLoader workers), S3 credentials from a Secret, checkpoints on a PVC or
 in S3, and a termination grace period long enough for the trainer to save after SIGTERM
 (torchrun forwards the signal and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds).
@@ -25,17 +28,20 @@ joining a running job, or rank 0 moving to another pod, fails every restart.
 
 Example:
   python launchers/k8s/render.py --name xl256 --nodes 4 --gpus-per-node 8 \\
-      --image registry.example.com/arflow:latest --config configs/xl_256.json \\
+      --image registry.example.com/arflow:latest --config xl_256 \\
       --checkpoint-dir s3://my-bucket/arflow/xl256 --s3-secret arflow-s3 | kubectl apply -f -
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
 RDZV_PORT = 29400
+PLACEHOLDER_IMAGE = "registry.example.com/arflow:latest"
+IMAGE_UID = 10001  # the Dockerfile's ARFLOW_UID
 SHM_MOUNT = "/dev/shm"
 PVC_MOUNT = "/mnt/arflow"
 
@@ -48,7 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", required=True, help="job name (DNS label: lowercase, digits, '-')")
     p.add_argument("--namespace", default=None)
     p.add_argument(
-        "--image", required=True, help="container image with arflow installed (workdir = repo root)"
+        "--image",
+        default=os.environ.get("ARFLOW_IMAGE", PLACEHOLDER_IMAGE),
+        help="the image built from the Dockerfile, as pushed to your registry "
+        f"(default: $ARFLOW_IMAGE, else the placeholder {PLACEHOLDER_IMAGE})",
+    )
+    p.add_argument(
+        "--uid",
+        type=int,
+        default=IMAGE_UID,
+        help=f"user and fsGroup the pods run as: the image's user (default {IMAGE_UID})",
     )
     p.add_argument("--nodes", type=int, required=True, help="pods (one per node)")
     p.add_argument(
@@ -65,7 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=3,
         help="torchrun / Job restarts after failures (membership changes do not count)",
     )
-    p.add_argument("--config", default="configs/xl_256.json", help="config path inside the image")
+    p.add_argument(
+        "--config",
+        default="xl_256",
+        help="a config shipped with arflow (xl_256) or a path inside the pod (image, PVC)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -101,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--nodes and --gpus-per-node must be >= 1")
     if args.min_nodes is not None and not 1 <= args.min_nodes <= args.nodes:
         p.error(f"--min-nodes must lie in [1, --nodes={args.nodes}]")
+    if args.uid < 1:
+        p.error("--uid must name a non-root user (>= 1)")
     if args.grace_period < 30:
         p.error("--grace-period must leave the trainer at least 30 s to save")
     return args
@@ -126,7 +147,9 @@ def train_command(args) -> list[str]:
         f"--rdzv_endpoint={rendezvous_host(args)}:{RDZV_PORT}",
         f"--rdzv_id={args.name}",
         f"--max_restarts={args.max_restarts}",
-        "launchers/train.py",
+        "-m",
+        "arflow",
+        "train",
         "--config",
         args.config,
         "--resume",
@@ -184,6 +207,13 @@ def pod_spec(args, restart_policy: str) -> dict:
     return {
         "restartPolicy": restart_policy,
         "terminationGracePeriodSeconds": args.grace_period,
+        # The image's user; fsGroup gives it the mounted volumes (the PVC is root's otherwise).
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": args.uid,
+            "runAsGroup": args.uid,
+            "fsGroup": args.uid,
+        },
         "containers": [container(args)],
         "volumes": volumes,
     }
@@ -271,6 +301,12 @@ def main(argv=None) -> int:
     import yaml
 
     args = parse_args(argv)
+    if args.image == PLACEHOLDER_IMAGE:
+        print(
+            f"render: the image is the placeholder {PLACEHOLDER_IMAGE}: pass --image (or set "
+            "ARFLOW_IMAGE) to the image you built from the Dockerfile and pushed",
+            file=sys.stderr,
+        )
     text = yaml.safe_dump_all(render(args), sort_keys=False)
     if args.out:
         with open(args.out, "w") as f:
