@@ -1,9 +1,15 @@
-"""Streaming through a real S3 endpoint (moto_server), with network faults injected by a TCP proxy."""
+"""Streaming through a real S3 endpoint (moto_server), with network faults injected by a TCP proxy
+(connections refused or cut) and by tests/s3_faults.py's HTTP proxy (latency, bandwidth, 503
+SlowDown, resets)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
+import itertools
 import logging
+import os
 import socket
 import threading
 import time
@@ -12,11 +18,14 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from s3_faults import Faults, fault_proxy
 
-from arflow.data import RetryPolicy, SequenceLoader, ShardError, load_manifest
+from arflow.data import BadSampleWarning, RetryPolicy, SequenceLoader, ShardError, load_manifest
 from arflow.data.writing.build import build_shards
 from arflow.data.writing.encoders import PixelEncoder
 from arflow.data.writing.sources import DigitsSource
+from arflow.storage import RetryingReader, read_bytes
+from arflow.storage.files import READ_AHEAD_CHUNK
 
 
 class FaultyProxy:
@@ -169,3 +178,190 @@ def test_missing_shards_on_s3_are_named_from_one_listing(digits_shards, moto_s3)
         assert proxy.requests <= 3  # the manifest and one listing, not one request per shard
     finally:
         proxy.close()
+
+
+# -- object storage as in the cloud: tests/s3_faults.py's HTTP proxy in front of moto ---------
+
+
+def proxied(proxy) -> dict:
+    return {"client_kwargs": {"endpoint_url": proxy.url}}
+
+
+def test_fault_proxy_adds_latency_and_caps_bandwidth(s3_digits, moto_s3):
+    fs = fsspec.filesystem("s3", **moto_s3.storage_options)
+    blob = os.urandom(600_000)
+    fs.pipe_file(f"{s3_digits.removeprefix('s3://')}/blob", blob)
+    with fault_proxy(moto_s3.url, Faults(latency_ms=200, bandwidth_mb_s=1.0)) as proxy:
+        started = time.monotonic()
+        assert read_bytes(f"{s3_digits}/manifest.json", proxied(proxy))
+        small = time.monotonic() - started
+        started = time.monotonic()
+        assert read_bytes(f"{s3_digits}/blob", proxied(proxy)) == blob
+        large = time.monotonic() - started
+        assert proxy.stats()["requests"] >= 2
+    assert small >= 0.2 and large >= 0.2 + 0.6  # latency, then 600 KB at 1 MB/s
+
+
+def test_slowdown_waits_as_long_as_retry_after_asks(s3_digits, moto_s3, caplog):
+    # Every request the proxy may fail is answered 503 SlowDown (Retry-After: 1); a retry of a
+    # request that just failed goes through.
+    with fault_proxy(moto_s3.url, Faults(slowdown=1.0, retry_after=1)) as proxy:
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="arflow.storage"):
+            manifest = load_manifest(
+                s3_digits, proxied(proxy), retry=RetryPolicy(base_delay=0.01, max_delay=5)
+            )
+        slowdowns = proxy.stats()["slowdowns"]
+    assert manifest.num_classes == 10 and slowdowns >= 1
+    waits = [
+        r.getMessage()
+        for r in caplog.records
+        if "manifest.json: transient OSError" in r.getMessage()
+    ]
+    assert len(waits) == slowdowns and all(w.endswith(" in 1.00 s") for w in waits), waits
+    assert time.monotonic() - started >= slowdowns
+
+
+def test_read_ahead_delivers_the_object_and_raises_errors_where_they_happen(moto_s3):
+    bucket = moto_s3.bucket()
+    fs = fsspec.filesystem("s3", **moto_s3.storage_options)
+    blob = os.urandom(9 * 2**20 + 12_345)  # several read-ahead chunks and a short last one
+    fs.pipe_file(f"{bucket}/blob", blob)
+    url = f"s3://{bucket}/blob"
+    with fault_proxy(moto_s3.url, Faults(reset=0.5, seed=3)) as proxy:
+        reader = RetryingReader(
+            url,
+            proxied(proxy),
+            RetryPolicy(base_delay=0.01),
+            size=len(blob),
+            read_ahead=2 * READ_AHEAD_CHUNK,
+        )
+        parts = []
+        for size in itertools.cycle([1, 777_777, 3 * 2**20]):
+            if not (data := reader.read(size)):
+                break
+            parts.append(data)
+        reader.close()
+        stats = proxy.stats()
+    # the size came from the caller: GETs only, no HEAD before them
+    assert stats["resets"] + stats["resets_mid_body"] > 0 and set(stats["methods"]) == {"GET"}
+    assert b"".join(parts) == blob and reader.position == len(blob)
+    assert reader.sha256.hexdigest() == hashlib.sha256(blob).hexdigest()
+
+    gone = RetryingReader(f"s3://{bucket}/missing", moto_s3.storage_options, size=10, read_ahead=1)
+    with pytest.raises(FileNotFoundError):
+        gone.read(5)
+    gone.close()
+
+    threads = threading.active_count()
+    stopped = RetryingReader(url, moto_s3.storage_options, read_ahead=READ_AHEAD_CHUNK)
+    assert stopped.read(100) == blob[:100]
+    stopped.close()  # the download thread stops instead of reading the rest
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == threads
+
+
+def epoch_zero(batches) -> tuple[int, collections.Counter]:
+    """Sequences of epoch 0 among ``batches`` and how often each sample id occurs in them."""
+    sequences, seen = 0, collections.Counter()
+    for _, _, meta in batches:
+        rows = meta["epoch"].numpy() == 0
+        sequences += int(rows.sum())
+        seen.update(meta["sample_ids"].numpy()[rows].ravel().tolist())
+    return sequences, seen
+
+
+def test_throttling_and_resets_lose_and_duplicate_nothing_and_resume_exactly(s3_digits, moto_s3):
+    kwargs = dict(
+        seq_len=5,
+        batch_size=8,
+        num_workers=2,
+        seed=5,
+        class_sampling="proportional",
+        return_meta=True,
+        retry=RetryPolicy(attempts=8, base_delay=0.01, max_delay=0.1),
+    )
+    direct = SequenceLoader(s3_digits, storage_options=moto_s3.storage_options, **kwargs)
+    count = direct.epoch_length + 4  # every stream has moved on to epoch 1 by then
+    it = iter(direct)
+    expected = [next(it) for _ in range(count)]
+    direct.close()
+
+    # 15% of the requests throttled, 10% reset (before the answer or half-way through its body)
+    with fault_proxy(moto_s3.url, Faults(slowdown=0.15, reset=0.1, retry_after=0, seed=7)) as proxy:
+        faulty = SequenceLoader(s3_digits, storage_options=proxied(proxy), **kwargs)
+        it = iter(faulty)
+        got = [next(it) for _ in range(count)]
+        sequences, seen = epoch_zero(got)
+        assert sequences == faulty.sequences_per_epoch  # every sequence of the epoch, once
+        assert len(seen) == 5 * sequences and max(seen.values()) == 1
+        assert faulty.bad_samples == 0
+        assert all(same_batch(a, b) for a, b in zip(got, expected))
+
+        state = faulty.state_dict()  # after `count` batches
+        faulty.close()
+        restored = SequenceLoader(s3_digits, storage_options=proxied(proxy), **kwargs)
+        restored.load_state_dict(state)
+        it = iter(restored)
+        resumed = [next(it) for _ in range(6)]
+        restored.close()
+        stats = proxy.stats()
+    assert stats["slowdowns"] > 0 and stats["resets"] + stats["resets_mid_body"] > 0, stats
+
+    direct = SequenceLoader(s3_digits, storage_options=moto_s3.storage_options, **kwargs)
+    it = iter(direct)
+    uninterrupted = [next(it) for _ in range(count + 6)][count:]
+    direct.close()
+    assert all(same_batch(a, b) for a, b in zip(resumed, uninterrupted))
+
+
+def same_batch(a, b) -> bool:
+    return (
+        torch.equal(a[0], b[0])
+        and torch.equal(a[1], b[1])
+        and torch.equal(a[2]["sample_ids"], b[2]["sample_ids"])
+    )
+
+
+def test_a_shard_deleted_from_s3_after_the_start_is_named(s3_digits, moto_s3):
+    bucket = moto_s3.bucket()
+    fs = fsspec.filesystem("s3", **moto_s3.storage_options)
+    fs.copy(s3_digits.removeprefix("s3://"), f"{bucket}/digits", recursive=True)
+    url = f"s3://{bucket}/digits"
+    loader = SequenceLoader(
+        url, seq_len=5, batch_size=4, num_workers=0, storage_options=moto_s3.storage_options
+    )
+    fs.rm([s.url.removeprefix("s3://") for s in loader.manifest.shards])
+    with pytest.raises(
+        ShardError, match=r"shard s3://.*\.tar listed in the manifest does not exist"
+    ):
+        next(iter(loader))
+
+
+def test_a_shard_truncated_on_s3_loses_its_tail_samples_not_the_run(s3_digits, moto_s3):
+    # The manifest's size is used instead of a HEAD request: an object shorter than that must end
+    # the shard early (bad samples, counted), not look like a storage outage.
+    bucket = moto_s3.bucket()
+    fs = fsspec.filesystem("s3", **moto_s3.storage_options)
+    fs.copy(s3_digits.removeprefix("s3://"), f"{bucket}/digits", recursive=True)
+    url = f"s3://{bucket}/digits"
+    shard = load_manifest(url, moto_s3.storage_options).shards[0]
+    data = fs.cat_file(shard.url.removeprefix("s3://"))
+    fs.pipe_file(shard.url.removeprefix("s3://"), data[: len(data) // 2])
+    loader = SequenceLoader(
+        url,
+        seq_len=5,
+        batch_size=4,
+        num_workers=0,
+        class_sampling="proportional",
+        storage_options=moto_s3.storage_options,
+        retry=RetryPolicy(attempts=2, base_delay=0.01),
+    )
+    it = iter(loader)
+    started = time.monotonic()
+    with pytest.warns(BadSampleWarning, match=rf"shard {shard.url}: samples #\d+\.\.#\d+ missing"):
+        for _ in range(loader.epoch_length + 2):
+            next(it)
+    assert 0 < loader.bad_samples < shard.count and time.monotonic() - started < 30

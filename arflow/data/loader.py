@@ -57,6 +57,15 @@ the shard directory, and the other ranks make no storage request before their wo
 first shards; without it each rank does both itself. ``benchmarks/startup.py`` measures this for
 a 1,024-rank x 8-worker ImageNet-21k job.
 
+Object storage. A stream opens all shards of a round at once and the next round's when a quarter
+of the current one is left; on an object store each open shard is downloaded by a thread of its
+own in 8 MiB ranged requests, one part ahead of the reader (``arflow.data.shards.open_shard``;
+no HEAD request: the size comes from the manifest), so first-byte latency overlaps with decoding.
+Throttling (503 SlowDown, honouring Retry-After) and dropped connections are retried from the
+byte reached; they change nothing in what is emitted (``tests/test_data_storage.py`` reads an
+epoch through a proxy failing a quarter of the requests). ``benchmarks/data_throughput.py
+--latency-ms 25`` measures the rate through cloud-like latency.
+
 Bad input. A missing, invalid or unknown-version manifest raises ManifestError naming its URL; a
 class with fewer than seq_len samples raises ManifestError naming it (or is dropped with a warning
 when ``min_per_class`` is given); a consumer expectation (``expect_shape`` / ``expect_encoding``)

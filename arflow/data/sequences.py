@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from arflow.data.errors import BadSampleWarning, ShardError
 from arflow.data.manifest import Manifest
 from arflow.data.plan import NOISE, Groups, PlanView, Position
-from arflow.data.shards import iter_shard
+from arflow.data.shards import iter_shard, open_shard
 from arflow.storage import RetryPolicy
 
 
@@ -51,14 +51,14 @@ class OpenShard:
     ):
         info = manifest.shards[shard]
         self.groups = groups
+        self._reader = open_shard(info, options.storage_options, options.retry)
         self._samples = iter_shard(
             info,
             dtype=manifest.stored_dtype,
             shape=manifest.stored_shape,
             on_bad=on_bad,
-            storage_options=options.storage_options,
-            retry=options.retry,
             verify=options.verify_checksums,
+            reader=self._reader,
         )
         self._buffer: dict[int, np.ndarray | None] = {}
         self._read = 0
@@ -84,6 +84,7 @@ class OpenShard:
 
     def close(self) -> None:
         self._samples.close()
+        self._reader.close()  # also when no sample was read: the generator never started
 
 
 class Slots:
@@ -188,38 +189,64 @@ class SequenceStream(IterableDataset):
                 ys, ids, epochs = [], [], []
 
     def _groups(self, stream: int, position: Position, on_bad):
-        """Yield (position after, shard, group index, shard's Groups, member arrays) forever."""
+        """Yield (position after, shard, group index, shard's Groups, member arrays) forever.
+
+        All shards of a round are opened together, and the next round's when a quarter of the
+        current one is left, so that on an object store their downloads (read ahead) overlap with
+        the groups still to emit instead of stalling the stream at every round and epoch start."""
+        rounds = self._rounds(stream, position)
+        current = self._open_round(*next(rounds), on_bad)
+        upcoming = None
+        try:
+            while True:
+                epoch, r, rnd, offset, next_group, opened = current
+                slots, order = rnd.slots, rnd.order
+                ahead_at = len(order) - max(1, (len(order) - offset) // 4)
+                for j in range(offset, len(order)):
+                    if j == ahead_at:
+                        upcoming = self._open_round(*next(rounds), on_bad)
+                    k = int(order[j])
+                    shard, group = slots[k].shard, next_group[k]
+                    reader = opened[k]
+                    arrays = reader.fetch(group)
+                    next_group[k] += 1
+                    if next_group[k] == slots[k].stop:
+                        opened.pop(k).finish()
+                    yield (epoch, r, j + 1), shard, group, reader.groups, arrays
+                current, upcoming = upcoming or self._open_round(*next(rounds), on_bad), None
+        finally:
+            for state in (current, upcoming):
+                for shard_reader in (state[-1] if state else {}).values():
+                    shard_reader.close()
+
+    def _rounds(self, stream: int, position: Position):
+        """(epoch, round index, Round, groups of it already processed) from ``position`` on."""
         epoch, first_round, offset = position
         while True:
             rounds = self.view.rounds(epoch, stream)
             for r in range(first_round, len(rounds)):
-                slots, order = rounds[r].slots, rounds[r].order
-                next_group = [
-                    s.start + int(c)
-                    for s, c in zip(slots, np.bincount(order[:offset], minlength=len(slots)))
-                ]
-                opened: dict[int, OpenShard] = {}
-                try:
-                    for j in range(offset, len(order)):
-                        k = int(order[j])
-                        shard, group = slots[k].shard, next_group[k]
-                        reader = opened.get(k)
-                        if reader is None:
-                            groups = self.view.planner.groups(shard, epoch)
-                            reader = opened[k] = OpenShard(
-                                self.manifest, shard, groups, self.options, on_bad
-                            )
-                        arrays = reader.fetch(group)
-                        next_group[k] += 1
-                        if next_group[k] == slots[k].stop:
-                            opened.pop(k).finish()
-                        yield (epoch, r, j + 1), shard, group, reader.groups, arrays
-                finally:
-                    for shard_reader in opened.values():
-                        shard_reader.close()
+                yield epoch, r, rounds[r], offset
                 offset = 0
             first_round = 0
             epoch += 1
+
+    def _open_round(self, epoch: int, r: int, rnd, offset: int, on_bad):
+        """The round with its next group per slot and its unfinished shards opened."""
+        next_group = [
+            s.start + int(c)
+            for s, c in zip(rnd.slots, np.bincount(rnd.order[:offset], minlength=len(rnd.slots)))
+        ]
+        opened: dict[int, OpenShard] = {}
+        try:
+            for k, s in enumerate(rnd.slots):
+                if next_group[k] < s.stop:
+                    groups = self.view.planner.groups(s.shard, epoch)
+                    opened[k] = OpenShard(self.manifest, s.shard, groups, self.options, on_bad)
+        except BaseException:
+            for shard_reader in opened.values():
+                shard_reader.close()
+            raise
+        return epoch, r, rnd, offset, next_group, opened
 
     def _images(
         self,

@@ -121,6 +121,28 @@ def check_shards(
         )
 
 
+# Bytes each open shard on an object store is downloaded ahead of the reader (RetryingReader's
+# read_ahead; one more request may be in flight): a window of latent samples (128 x 64 KiB)
+# arrives while the other open shards are read. As much as s3fs's block cache held before.
+SHARD_READ_AHEAD = 8 * 2**20
+
+
+def open_shard(
+    shard: ShardInfo,
+    storage_options: dict | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+    read_ahead: int = SHARD_READ_AHEAD,
+) -> RetryingReader:
+    """A reader of the shard's bytes. On an object store its size comes from the manifest (no HEAD
+    request) and its download starts now, ``read_ahead`` bytes ahead of the consumer."""
+    try:
+        return RetryingReader(
+            shard.url, storage_options, retry, size=shard.bytes, read_ahead=read_ahead
+        )
+    except FileNotFoundError:
+        raise ShardError(f"shard {shard.url} listed in the manifest does not exist") from None
+
+
 def iter_shard(
     shard: ShardInfo,
     *,
@@ -130,6 +152,7 @@ def iter_shard(
     storage_options: dict | None = None,
     retry: RetryPolicy = RetryPolicy(),
     verify: bool = True,
+    reader: RetryingReader | None = None,
 ) -> Iterator[tuple[int, np.ndarray | None]]:
     """Yield ``(index, array)`` for index 0..shard.count-1 in stored order; ``None`` for a bad sample.
 
@@ -137,14 +160,14 @@ def iter_shard(
     or shape (one call each), or missing because the shard ends early (one call for all of them). After the last sample the rest of the object is read and
     its size and sha256 compared with the manifest when ``verify``: a mismatch raises
     :class:`ShardError` if no sample was bad (silent corruption or a shard from another run), and is
-    reported through ``on_bad``'s earlier messages otherwise.
+    reported through ``on_bad``'s earlier messages otherwise. ``reader``: the shard already opened
+    (:func:`open_shard`), closed with the iterator; by default it is opened at the first sample.
     """
-    try:
-        reader = RetryingReader(shard.url, storage_options, retry)
-    except FileNotFoundError:
-        raise ShardError(f"shard {shard.url} listed in the manifest does not exist") from None
+    reader = reader or open_shard(shard, storage_options, retry)
     try:
         yield from _samples(reader, shard, dtype, shape, on_bad, verify)
+    except FileNotFoundError:  # deleted after the loader checked, found at its first read
+        raise ShardError(f"shard {shard.url} listed in the manifest does not exist") from None
     finally:
         reader.close()
 

@@ -72,6 +72,19 @@ def retry_after(exc: BaseException) -> float | None:
     return None
 
 
+def error_code(exc: BaseException) -> str | None:
+    """The S3 error code (``NoSuchKey``, ``InvalidRange``, ``SlowDown``...) in ``exc`` or the
+    errors it was raised from (s3fs keeps botocore's answer as the cause)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and "Code" in response.get("Error", {}):
+            return str(response["Error"]["Code"])
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _parse_retry_after(value: str) -> float | None:
     try:
         return max(0.0, float(value))
