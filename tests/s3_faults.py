@@ -146,7 +146,13 @@ class FaultProxy:
                 self.methods[method.decode()] = self.methods.get(method.decode(), 0) + 1
                 fault = self.draw((method, target, headers.get("range")))
                 if headers.get("expect", "").lower() == "100-continue":
+                    # answered here; the server is not asked (its interim answer would come first)
                     client_writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    raw = b"".join(
+                        line
+                        for line in raw.splitlines(keepends=True)
+                        if not line.lower().startswith(b"expect:")
+                    )
                 body = [part async for part in client.body(headers)]
                 await self.wait_latency()
                 if fault == "reset":
@@ -185,13 +191,16 @@ class FaultProxy:
     async def relay_answer(self, answer: HttpStream, client, method: bytes, cut: bool):
         """Copy one answer to the client; whether the upstream connection stays usable, or None
         when the answer was cut (``cut``: half of the body sent, then the caller resets)."""
-        got = await answer.head()
-        if got is None:
-            raise ConnectionError("the S3 server closed the connection")
-        raw, headers = got
-        status = int(raw.split(b" ", 2)[1])
+        while True:  # interim (1xx) answers are not relayed
+            got = await answer.head()
+            if got is None:
+                raise ConnectionError("the S3 server closed the connection")
+            raw, headers = got
+            status = int(raw.split(b" ", 2)[1])
+            if status >= 200:
+                break
         client.write(raw)
-        no_body = method == b"HEAD" or status in (204, 304) or 100 <= status < 200
+        no_body = method == b"HEAD" or status in (204, 304)
         length = int(headers.get("content-length", 0))
         sent, started = 0, asyncio.get_running_loop().time()
         if not no_body:
@@ -278,8 +287,16 @@ async def _main(args: argparse.Namespace) -> None:
     server = await asyncio.start_server(proxy.serve, "127.0.0.1", args.port, limit=2**20)
     port = server.sockets[0].getsockname()[1]
     print(json.dumps({"url": f"http://127.0.0.1:{port}"}), flush=True)
+    asyncio.get_running_loop().create_task(_exit_with_parent(os.getppid()))
     async with server:
         await server.serve_forever()
+
+
+async def _exit_with_parent(parent: int) -> None:
+    """A proxy whose test process died (killed by a timeout, say) must not outlive it."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1)
+    os._exit(0)
 
 
 def main() -> None:

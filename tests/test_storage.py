@@ -13,6 +13,7 @@ import time
 
 import pytest
 from botocore.exceptions import ClientError
+from s3_faults import Faults, fault_proxy
 from s3fs.errors import translate_boto_error
 
 from arflow.checkpoint import CheckpointRoot, step_dir_name
@@ -165,3 +166,19 @@ def test_sigkill_during_a_move_loses_nothing_and_the_move_completes(moto_s3, kil
     make_room(root, 30, [{"run": "new"}], print)
     assert not store.exists(name)
     assert tree(store, aside) == {**files, "meta.json": json.dumps(meta).encode()}
+
+
+def test_an_upload_waits_for_the_answer_longer_than_a_read(moto_s3, tmp_path):
+    # The proxy holds every request for 1.5 s: longer than read_timeout (a read gives up), shorter
+    # than commit_timeout (an uploaded file's answer, which S3 sends once it assembled the object).
+    (tmp_path / "part.bin").write_bytes(os.urandom(1000))
+    retry = RetryPolicy(attempts=1, read_timeout=1.0, commit_timeout=5.0)
+    with fault_proxy(moto_s3.url, Faults(latency_ms=1500)) as proxy:
+        store = Store(
+            f"s3://{moto_s3.bucket()}/run", {"client_kwargs": {"endpoint_url": proxy.url}}, retry
+        )
+        store.upload(str(tmp_path), ["part.bin"], "step")
+        with pytest.raises(StorageError, match="Read timeout"):
+            store.read("step/part.bin")
+    direct = Store(store.url, moto_s3.storage_options)
+    assert direct.read("step/part.bin") == (tmp_path / "part.bin").read_bytes()

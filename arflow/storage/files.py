@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -311,6 +312,11 @@ class Store:
         self.fs, path = filesystem(self.url, options, retry)
         self.root = path.rstrip("/")
         self.local = is_local(self.fs)
+        # Uploads wait longer for the answer: S3 assembles a multipart object before it answers.
+        patient = dataclasses.replace(
+            retry, read_timeout=max(retry.read_timeout, retry.commit_timeout)
+        )
+        self._upload_fs = self.fs if self.local else filesystem(self.url, options, patient)[0]
 
     def path(self, rel: str = "") -> str:
         """The path of `rel` in the file system (a local path, or bucket/key)."""
@@ -394,7 +400,7 @@ class Store:
         for name in names:
             source = os.path.join(local_dir, *name.split("/"))
             target = self.path(f"{rel}/{name}")
-            self._call(f"{rel}/{name}", lambda s=source, t=target: self.fs.put_file(s, t))
+            self._call(f"{rel}/{name}", lambda s=source, t=target: self._upload_fs.put_file(s, t))
 
     def remove(self, rel: str) -> None:
         """Delete one file; absent already is fine."""

@@ -102,13 +102,16 @@ class RetryPolicy:
     base_delay * 2**i seconds (capped at max_delay) with jitter (a uniform draw from its upper
     half, so that ranks retrying together spread out), or the server's Retry-After when it asks
     for longer (capped at max_delay); per-request timeouts in seconds for object stores
-    (connecting, and waiting for each part of an answer)."""
+    (connecting, and waiting for each part of an answer; ``commit_timeout`` instead for the answer
+    to an uploaded file: completing a multipart upload of a GB-sized checkpoint file takes a
+    loopback moto server longer than ``read_timeout``, and S3 may take minutes)."""
 
     attempts: int = 5
     base_delay: float = 0.5
     max_delay: float = 8.0
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
+    commit_timeout: float = 120.0
 
     def delay(self, attempt: int, exc: BaseException | None = None) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
