@@ -8,23 +8,16 @@
    has a fixed size, so a late step costs what an early one does).
 3. On a GPU: tokens/s of the ARFlow-XL/2 forward+backward with flash-attn (when installed)
    and with PyTorch SDPA.
-4. With --norms: what models/head_norms.py's fused autograd Functions save in eager mode, per
-   attention: forward+backward of a block with them and with their plain formulas (what runs
-   under torch.compile), interleaved, as wall time and (on a CPU) process CPU time, which
-   leaves out the time a process waits for a core on a shared machine. The ratios are
-   plain / fused per interleaved pair: median and quartiles.
 
-    python benchmarks/attention.py [--device cpu|cuda] [--repeats 20] [--norms [--threads 1]]
+    python benchmarks/attention.py [--device cpu|cuda] [--repeats 20] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +26,7 @@ from torch import nn
 from arflow.models import (
     ARFlowBlock,
     create_model,
-    head_norms,
     hybrid_attention,
-    sequence_attention,
 )
 
 
@@ -109,65 +100,6 @@ def block_ratio(dim, heads, batch, images, tokens, device, dtype, repeats, compi
         "intra_only_ms": round(med_b * 1e3, 3),
         "block_ratio": round(med_h / med_b, 3),
     }
-
-
-@contextlib.contextmanager
-def plain_norms():
-    """The attentions' norms as head_norms' plain formulas instead of its fused Functions."""
-    with (
-        mock.patch.object(
-            sequence_attention,
-            "norm_split_heads",
-            lambda x, heads, memory_order=None: head_norms.plain_norm_split_heads(x, heads),
-        ),
-        mock.patch.object(sequence_attention, "gated_head_norm", head_norms.plain_gated_head_norm),
-    ):
-        yield
-
-
-def spread(values: list[float]) -> dict:
-    q1, median, q3 = statistics.quantiles(values, n=4)
-    return {"median": round(median, 3), "q1": round(q1, 3), "q3": round(q3, 3)}
-
-
-def norms_saving(attention, dim, heads, batch, images, tokens, device, dtype, repeats) -> dict:
-    """Eager forward+backward of one block, fused head norms against plain ones, interleaved
-    (the order alternates every round)."""
-    torch.manual_seed(0)
-    block = ARFlowBlock(dim, heads, attention=attention).to(device)
-    torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)  # every path carries signal
-    x = torch.randn(batch, images, tokens, dim, device=device, requires_grad=True)
-    c = torch.randn(batch, images, dim, device=device)
-
-    def fwd_bwd():
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            out, _ = block(x, c)
-        out.float().square().mean().backward()
-
-    def run(kind: str) -> tuple[float, float]:
-        with plain_norms() if kind == "plain" else contextlib.nullcontext():
-            fwd_bwd()  # warm-up: the other variant ran last
-            cpu = time.process_time()
-            (wall,) = timed(fwd_bwd, device, 1, warmup=0)
-            return wall, time.process_time() - cpu
-
-    wall, cpu = {"fused": [], "plain": []}, {"fused": [], "plain": []}
-    for round_ in range(repeats):
-        for kind in ("fused", "plain") if round_ % 2 == 0 else ("plain", "fused"):
-            w, c_ = run(kind)
-            wall[kind].append(w)
-            cpu[kind].append(c_)
-    result = {
-        "attention": attention,
-        "shape": {"batch": batch, "images": images, "tokens": tokens, "dim": dim, "heads": heads},
-        "dtype": str(dtype).removeprefix("torch."),
-        **{f"{kind}_ms": spread([t * 1e3 for t in wall[kind]]) for kind in wall},
-        "plain_over_fused": spread([p / f for p, f in zip(wall["plain"], wall["fused"])]),
-    }
-    if device == "cpu":
-        result.update({f"{kind}_cpu_ms": spread([t * 1e3 for t in cpu[kind]]) for kind in cpu})
-        result["plain_over_fused_cpu"] = spread([p / f for p, f in zip(cpu["plain"], cpu["fused"])])
-    return result
 
 
 def sampling_ratio(name, input_size, batch, device, dtype, steps=250, window=5) -> dict:
@@ -250,12 +182,6 @@ def main() -> None:
         action="store_true",
         help="also measure the block ratio with both blocks under torch.compile",
     )
-    parser.add_argument(
-        "--norms",
-        action="store_true",
-        help="only the eager saving of head_norms' fused Functions, per attention (ARFlow-B/2 "
-        "shapes; XL/2 in bf16 on a GPU)",
-    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads first (CPU)")
     args = parser.parse_args()
     device = args.device
@@ -277,19 +203,6 @@ def main() -> None:
         sampling = ("ARFlow-S/2", 32, 2, device, torch.float32)
     if args.sampling_batch:
         sampling = (*sampling[:2], args.sampling_batch, *sampling[3:])
-    if args.norms:
-        if args.tiny:
-            shape = (64, 2, 2, 5, 16, device, torch.float32)
-        elif device == "cuda":
-            shape = (1152, 18, 8, 5, 256, device, torch.bfloat16)
-        else:  # ARFlow-B/2 width on 256-px latents
-            shape = (768, 12, 2, 5, 256, device, torch.float32)
-        report["norms"] = [
-            norms_saving(attention, *shape, args.repeats)
-            for attention in ("hybrid", "causal_softmax")
-        ]
-        print(json.dumps(report, indent=2))
-        return
     report["block"] = block_ratio(*shapes)
     if args.compile:
         report["block_compiled"] = block_ratio(*shapes, compile=True)

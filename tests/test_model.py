@@ -59,8 +59,7 @@ def test_forward_compiles_as_one_graph(attention):
     x, t, y = sequence(images=3)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     outputs, grads = [], []
-    # Compiled, the attention's norms run as plain formulas; eager, as fused autograd
-    # Functions (models/head_norms.py): both must give the same outputs and gradients.
+    # Compiled and eager, the same outputs and gradients.
     for run in (compiled, model):
         torch.manual_seed(0)  # label dropout draws from the global generator
         out = run(x, t, y)

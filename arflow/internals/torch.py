@@ -4,8 +4,6 @@
   call, an object construction) and when a byte is not a pickle opcode: it tells a checkpoint
   file that would run code from a damaged one (arflow.utils.safe_load). Each wording is probed
   with a pickle that triggers it.
-- ATen's fused `silu_backward` (its in-place `grad_input` overload): the fused gated head
-  norm's backward (arflow.models.head_norms).
 - `_MultiProcessingDataLoaderIter._shutdown_workers`: stopping a DataLoader's worker processes
   now rather than at garbage collection (arflow.data.loader).
 - `torch.cuda.memory._record_memory_history` / `_dump_snapshot`: the CUDA allocator's history
@@ -59,12 +57,6 @@ def weights_only_damage(err: BaseException) -> str:
     return next((line for line in lines if _DAMAGE in line), lines[-1])
 
 
-def silu_backward_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad <- grad * silu'(x), in place, in one fused kernel; returns `grad`.
-    grad, x: the same shape (any)."""
-    return torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=grad)
-
-
 def shutdown_workers(iterator: object) -> None:
     """Stop the worker processes of a DataLoader iterator now (a single-process iterator has
     none: nothing to do)."""
@@ -108,15 +100,6 @@ def check(installed: str = torch.__version__) -> None:
         installed,
         err is not None and weights_only_refusal(err) is None and _DAMAGE in str(err),
         f"the weights-only unpickler's wording for a damaged pickle {_DAMAGE!r}",
-    )
-    x = torch.tensor([-2.0, 0.0, 3.0])
-    try:
-        grad = silu_backward_(torch.ones(3), x)
-        fused = torch.allclose(grad, torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))))
-    except (AttributeError, RuntimeError, TypeError):
-        fused = False
-    SUPPORTED.require(
-        installed, fused, "aten::silu_backward.grad_input(grad_output, self, *, grad_input)"
     )
     SUPPORTED.require_parameters(
         installed,

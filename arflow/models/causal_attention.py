@@ -94,8 +94,8 @@ class CausalSoftmaxAttention(SequenceAttention):
         self.check_form(form, S)
         if state is not None:
             check_cache(state, B, self.num_heads, self.head_dim)
-        qkv = self.project_qkv(h, memory_order=(0, 2, 1, 3, 4))
-        # (B, H, S N, d): all images of a head together (a view, not a copy, in eager mode).
+        qkv = self.project_qkv(h)
+        # (B, H, S N, d): all images of a head together.
         q, k, v = (t.transpose(1, 2).reshape(B, self.num_heads, S * N, -1) for t in qkv)
         prefix = 0
         if state is not None:

@@ -23,9 +23,10 @@ path twice.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .head_norms import gated_head_norm, norm_split_heads
+from .layers import rms_norm
 
 FORMS = ("parallel", "recurrent")
 
@@ -53,16 +54,13 @@ class SequenceAttention(nn.Module):
         if form == "recurrent" and images != 1:
             raise ValueError(f"the recurrent form takes one image per call, got S={images}")
 
-    def project_qkv(
-        self, h: torch.Tensor, memory_order=(0, 1, 2, 3, 4)
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h: (B, S, N, D) -> q, k, v: (B, S, H, N, d), normalised over the full width D before
-        the split into heads, laid out in memory as `memory_order` says (contiguous head-major
-        by default; see head_norms.norm_split_heads); k not yet scaled by 1/sqrt(d)."""
+    def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h: (B, S, N, D) -> q, k, v: (B, S, H, N, d) (views), normalised over the full width D
+        before the split into heads; k not yet scaled by 1/sqrt(d)."""
         # Each projection runs through its own module (never by reading .weight here): sharding
         # engines such as ZeRO-3 gather a module's parameters only around its own forward.
         return tuple(
-            norm_split_heads(proj(h), self.num_heads, memory_order)
+            rms_norm(proj(h)).unflatten(-1, (self.num_heads, -1)).transpose(2, 3)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
 
@@ -70,4 +68,7 @@ class SequenceAttention(nn.Module):
         """h: (B, S, N, D) the modulated tokens; mixed: the heads' mix O (B, S, H, N, d), any
         float dtype and layout, or several terms that sum to it -> out_proj(silu(h W_g) *
         RMSNorm_d(O)) (B, S, N, D)."""
-        return self.out_proj(gated_head_norm(self.g_proj(h), *mixed))
+        gate = self.g_proj(h)
+        total = sum(mixed[1:], mixed[0])
+        normed = rms_norm(total).transpose(2, 3).flatten(-2).to(gate.dtype)
+        return self.out_proj(F.silu(gate) * normed)
