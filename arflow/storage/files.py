@@ -231,7 +231,7 @@ class _ReadAhead:
         self._changed = threading.Condition()
         self._closed = False
         self._ended = False
-        self._pending = b""
+        self._pending, self._start = b"", 0  # the part being handed out, and how far
         threading.Thread(
             target=self._run, args=(fetch, chunk, on_exit), name="arflow-read-ahead", daemon=True
         ).start()
@@ -271,14 +271,13 @@ class _ReadAhead:
     def read(self, size: int = -1) -> bytes:
         if size < 0:
             return b"".join(iter(lambda: self.read(READ_AHEAD_CHUNK), b""))
-        if not self._pending and not self._ended:
-            self._pending = self._next()
-        data = self._pending
-        if size < len(data):
-            data, self._pending = data[:size], data[size:]
-        else:
-            self._pending = b""
-        return data
+        if self._start == len(self._pending) and not self._ended:
+            self._pending, self._start = self._next(), 0
+        data, start = self._pending, self._start
+        self._start = min(len(data), start + size)
+        if start == 0 and self._start == len(data):
+            return data  # the whole part, uncopied
+        return data[start : self._start]  # copies only what is handed out
 
     def close(self) -> None:
         with self._changed:
