@@ -122,8 +122,8 @@ def check_shards(
 
 
 # Bytes each open shard on an object store is downloaded ahead of the reader (RetryingReader's
-# read_ahead; one more request may be in flight): a window of latent samples (128 x 64 KiB)
-# arrives while the other open shards are read. As much as s3fs's block cache held before.
+# read_ahead: one 8 MiB part): a window of latent samples (128 x 64 KiB) arrives while the other
+# open shards are read. As much as s3fs's block cache held before.
 SHARD_READ_AHEAD = 8 * 2**20
 
 

@@ -131,9 +131,9 @@ class RetryingReader:
     those received (``sha256``: the same bytes once the object was read to the end).
 
     On an object store, ``read_ahead`` (bytes) starts a background thread that downloads the
-    object in ``READ_AHEAD_CHUNK`` requests, up to that far ahead of the consumer plus the request
-    in flight, so that each request's latency overlaps with the consumer's work instead of adding
-    to it; its errors, after their retries, reach the consumer at the byte where they happened.
+    object in ``READ_AHEAD_CHUNK`` requests, up to that far ahead of the consumer (a request starts
+    when the consumer takes a part), so that each request's latency overlaps with the consumer's
+    work instead of adding to it; its errors, after their retries, reach the consumer at the byte where they happened.
     ``size`` (the object's size, when the caller knows it) then saves the HEAD request that
     opening costs; an object shorter than that simply ends early. Local files are read directly.
     A missing object raises ``FileNotFoundError`` from the constructor, or with ``read_ahead``
